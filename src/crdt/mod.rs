@@ -1,0 +1,30 @@
+//! The causal delta-CRDT core: pure data, no IO, no clock reads, no randomness.
+//!
+//! A [`Replica`] holds one node's copy of the keyspace. Local writes return [`Delta`]s; peers'
+//! deltas merge in causal order. Time is passed in by the caller, so the same inputs always give the
+//! same state. See `docs/architecture.md` for the model and the rules it keeps.
+
+mod codec;
+mod delta;
+mod document;
+mod entry;
+mod error;
+mod feed;
+mod hlc;
+mod id;
+mod key;
+mod replica;
+mod value;
+mod version;
+
+pub use delta::{DELTA_FORMAT, Delta, MAX_DOCUMENT_LEN, MAX_VALUE_LEN};
+pub use document::{DocumentError, MAX_DEPTH as MAX_DOCUMENT_DEPTH};
+pub use entry::Kind;
+pub use error::Error;
+pub use feed::{Change, Event};
+pub use hlc::{Hlc, HlcClock, MAX_HLC_MILLIS};
+pub use id::{Dot, NodeId};
+pub use key::{Key, MAX_KEY_LEN};
+pub use replica::{Applied, Collected, Replica, ReplicaConfig, SNAPSHOT_FORMAT};
+pub use value::{Register, Sibling, Value};
+pub use version::{CausalContext, VersionVector};

@@ -1,0 +1,733 @@
+//! The replica: one node's full copy of the keyspace, its local writes, and the merge of peers' deltas.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crdt::delta::{MAX_DOCUMENT_LEN, MAX_VALUE_LEN, WriteHeader, validate_items};
+use crate::crdt::entry::{Body, Entry, Item};
+use crate::crdt::feed::Feed;
+use crate::crdt::value::{document_versions, read};
+use crate::crdt::{
+    CausalContext, Change, Delta, Dot, Error, Event, Hlc, HlcClock, Key, Kind, NodeId, Value,
+    VersionVector, codec, document,
+};
+
+/// The format version of a replica snapshot.
+pub const SNAPSHOT_FORMAT: u8 = 1;
+
+/// Limits of a replica; [`ReplicaConfig::default`] suits most nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// Events the change feed keeps for watchers to resume from.
+    pub feed_capacity: usize,
+    /// Write deltas held back while waiting for their causes, at most.
+    pub buffer_deltas: usize,
+    /// Bytes of held-back write deltas, at most (approximate).
+    pub buffer_bytes: usize,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            feed_capacity: 10_000,
+            buffer_deltas: 65_536,
+            buffer_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What [`Replica::apply`] did with a delta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Applied {
+    /// Merged, together with `released` held-back deltas that it made ready.
+    Merged { released: usize },
+    /// Held back until its causes arrive.
+    Buffered,
+    /// Already covered by this replica; nothing changed.
+    Duplicate,
+}
+
+/// Counts from one garbage collection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Tombstones dropped.
+    pub tombstones: usize,
+    /// Keys whose entry disappeared entirely.
+    pub keys: usize,
+}
+
+/// A node's replica of the keyspace: a causal delta-CRDT map from [`Key`]s to typed values.
+///
+/// Every mutation applies locally at once and returns the [`Delta`] to send to peers; peers'
+/// deltas are merged in causal order. Time comes in as `now_millis` arguments: the replica never
+/// reads a clock, does no IO, and uses no randomness, so the same inputs give the same state.
+///
+/// ```
+/// use mantissa::crdt::{Key, NodeId, Replica, Value};
+/// let mut a = Replica::new(NodeId(1));
+/// let mut b = Replica::new(NodeId(2));
+/// let key = Key::new("config/replicas").unwrap();
+/// let from_a = a.put(key.clone(), b"3".to_vec(), 1_000).unwrap();
+/// let from_b = b.put(key.clone(), b"5".to_vec(), 1_001).unwrap();
+/// a.apply(from_b.clone()).unwrap();
+/// b.apply(from_a).unwrap();
+/// // Both replicas keep both concurrent writes and agree on the winner.
+/// let Some(Value::Register(register)) = a.get(&key).unwrap() else { panic!() };
+/// assert_eq!(register.value, b"5");
+/// assert_eq!(register.siblings.len(), 1);
+/// assert_eq!(a.digest(), b.digest());
+/// ```
+#[derive(Debug)]
+pub struct Replica {
+    node: NodeId,
+    clock: HlcClock,
+    /// Every dot applied here; contiguous per node because deltas apply in causal order.
+    version: VersionVector,
+    entries: BTreeMap<Key, Entry>,
+    /// Tombstones up to this vector have been collected.
+    collected: VersionVector,
+    /// Other nodes' writes applied since this node's last write: its next write's dependencies.
+    pending_deps: VersionVector,
+    /// Write deltas waiting for their causes, by dot.
+    held: BTreeMap<Dot, Delta>,
+    held_bytes: usize,
+    feed: Feed,
+    config: ReplicaConfig,
+}
+
+/// The serialized form of a [`Replica`].
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    node: NodeId,
+    clock: HlcClock,
+    version: VersionVector,
+    collected: VersionVector,
+    feed_cursor: u64,
+    entries: Vec<(Key, Entry)>,
+}
+
+impl Replica {
+    /// An empty replica for `node`, with default limits.
+    pub fn new(node: NodeId) -> Self {
+        Self::with_config(node, ReplicaConfig::default())
+    }
+
+    /// An empty replica for `node`.
+    pub fn with_config(node: NodeId, config: ReplicaConfig) -> Self {
+        Replica {
+            node,
+            clock: HlcClock::new(node),
+            version: VersionVector::new(),
+            entries: BTreeMap::new(),
+            collected: VersionVector::new(),
+            pending_deps: VersionVector::new(),
+            held: BTreeMap::new(),
+            held_bytes: 0,
+            feed: Feed::new(config.feed_capacity, 0),
+            config,
+        }
+    }
+
+    /// The node whose writes this replica makes.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Every write applied here. Also the causal token of a read: see [`Replica::covers`].
+    pub fn version(&self) -> &VersionVector {
+        &self.version
+    }
+
+    /// Whether every write `token` names has been applied here.
+    pub fn covers(&self, token: &VersionVector) -> bool {
+        self.version.dominates(token)
+    }
+
+    /// Tombstones up to this vector have been collected.
+    pub fn collected(&self) -> &VersionVector {
+        &self.collected
+    }
+
+    /// The last timestamp this replica issued or saw.
+    pub fn clock(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    // ---- reads ----
+
+    /// The value of `key`, or `None` when it holds nothing.
+    pub fn get(&self, key: &Key) -> Result<Option<Value>, Error> {
+        self.entries.get(key).map_or(Ok(None), read)
+    }
+
+    /// Up to `limit` keys starting with `prefix` that hold a value, in key order.
+    pub fn range(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Key, Value)>, Error> {
+        self.range_after(prefix, None, limit)
+    }
+
+    /// Like [`Replica::range`], starting after `after` (for paging through a large prefix).
+    pub fn range_after(
+        &self,
+        prefix: &[u8],
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Value)>, Error> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(key) if key.as_bytes() >= prefix => Bound::Excluded(key.as_bytes()),
+            _ => Bound::Included(prefix),
+        };
+        let mut found = Vec::new();
+        for (key, entry) in self.entries.range::<[u8], _>((start, Bound::Unbounded)) {
+            if found.len() >= limit || !key.as_bytes().starts_with(prefix) {
+                break;
+            }
+            if let Some(value) = read(entry)? {
+                found.push((key.clone(), value));
+            }
+        }
+        Ok(found)
+    }
+
+    /// How many keys hold a value.
+    pub fn len(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|entry| entry.kind().is_some())
+            .count()
+    }
+
+    /// Whether no key holds a value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tombstones currently kept (collected once causally stable).
+    pub fn tombstones(&self) -> usize {
+        self.entries
+            .values()
+            .flat_map(|entry| &entry.items)
+            .filter(|item| item.is_tombstone())
+            .count()
+    }
+
+    /// Write deltas currently held back waiting for their causes.
+    pub fn held_back(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Approximate bytes of keys and items held.
+    pub fn size(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|(key, entry)| key.as_bytes().len() + entry.size())
+            .sum()
+    }
+
+    /// A hash of the replicated state (version vector and every entry). Replicas that applied the
+    /// same writes and collected the same tombstones have equal digests, on any platform.
+    pub fn digest(&self) -> u64 {
+        let hasher = postcard::to_io(&(&self.version, &self.entries), codec::Fnv::new())
+            .expect("hashing never fails");
+        hasher.finish()
+    }
+
+    // ---- the change feed ----
+
+    /// The cursor of the most recent change event (0 before any).
+    pub fn cursor(&self) -> u64 {
+        self.feed.last()
+    }
+
+    /// Change events after `cursor`, oldest first; [`Error::Compacted`] when the feed no longer
+    /// holds all of them.
+    pub fn events_since(&self, cursor: u64) -> Result<impl Iterator<Item = &Event>, Error> {
+        self.feed.since(cursor)
+    }
+
+    // ---- local writes ----
+
+    /// Writes `value` to the register at `key`, replacing every value this replica has seen there.
+    pub fn put(&mut self, key: Key, value: Vec<u8>, now_millis: u64) -> Result<Delta, Error> {
+        check_len("value", value.len(), MAX_VALUE_LEN)?;
+        self.write(key, Some(Kind::Register), now_millis, |entry, _| {
+            let observed = entry.items.iter().map(|item| item.dot).collect();
+            Ok((vec![Body::Register(value.into_boxed_slice())], observed))
+        })
+    }
+
+    /// Deletes `key`: removes every value this replica has seen there. A concurrent write that this
+    /// replica had not seen survives. Returns `None` when the key held nothing.
+    pub fn delete(&mut self, key: Key, now_millis: u64) -> Result<Option<Delta>, Error> {
+        if self.entries.get(&key).and_then(Entry::kind).is_none() {
+            return Ok(None);
+        }
+        let delta = self.write(key, None, now_millis, |entry, _| {
+            let observed = entry.items.iter().map(|item| item.dot).collect();
+            Ok((vec![Body::Tombstone], observed))
+        })?;
+        Ok(Some(delta))
+    }
+
+    /// Adds `amount` (negative to subtract) to the counter at `key`, creating it at zero.
+    pub fn counter_add(&mut self, key: Key, amount: i64, now_millis: u64) -> Result<Delta, Error> {
+        let node = self.node;
+        self.write(key, Some(Kind::Counter), now_millis, |entry, _| {
+            let own = entry
+                .of_kind(Kind::Counter)
+                .find(|item| item.dot.node == node);
+            let (mut up, mut down, observed) = match own {
+                Some(Item {
+                    dot,
+                    body: Body::Counter { up, down },
+                    ..
+                }) => (*up, *down, vec![*dot]),
+                _ => (0, 0, Vec::new()),
+            };
+            let limit = i64::MAX as u64;
+            if amount >= 0 {
+                up = up.saturating_add(amount.unsigned_abs()).min(limit);
+            } else {
+                down = down.saturating_add(amount.unsigned_abs()).min(limit);
+            }
+            Ok((vec![Body::Counter { up, down }], observed))
+        })
+    }
+
+    /// Adds `elements` to the set at `key`, creating it. An add concurrent with a remove wins.
+    pub fn set_add(
+        &mut self,
+        key: Key,
+        elements: Vec<Vec<u8>>,
+        now_millis: u64,
+    ) -> Result<Delta, Error> {
+        for element in &elements {
+            check_len("set element", element.len(), MAX_VALUE_LEN)?;
+        }
+        self.write(key, Some(Kind::Set), now_millis, |entry, _| {
+            let mut elements = elements;
+            elements.sort();
+            elements.dedup();
+            let observed = entry
+                .of_kind(Kind::Set)
+                .filter(|item| matches!(&item.body, Body::SetElement(e) if elements.binary_search_by(|x| x[..].cmp(e)).is_ok()))
+                .map(|item| item.dot)
+                .collect();
+            let bodies = elements
+                .into_iter()
+                .map(|element| Body::SetElement(element.into_boxed_slice()))
+                .collect();
+            Ok((bodies, observed))
+        })
+    }
+
+    /// Removes `elements` from the set at `key` (the adds this replica has seen). Returns `None`
+    /// when none of them is in the set.
+    pub fn set_remove(
+        &mut self,
+        key: Key,
+        elements: &[Vec<u8>],
+        now_millis: u64,
+    ) -> Result<Option<Delta>, Error> {
+        let Some(entry) = self.entries.get(&key) else {
+            return Ok(None);
+        };
+        check_kind(&key, entry, Kind::Set)?;
+        let present = |item: &Item| matches!(&item.body, Body::SetElement(e) if elements.iter().any(|x| x[..] == e[..]));
+        if !entry.of_kind(Kind::Set).any(present) {
+            return Ok(None);
+        }
+        let delta = self.write(key, Some(Kind::Set), now_millis, |entry, _| {
+            // Earlier tombstones are observed too: the new one marks the key as changed for them.
+            let observed = entry
+                .items
+                .iter()
+                .filter(|item| item.is_tombstone() || present(item))
+                .map(|item| item.dot)
+                .collect();
+            Ok((vec![Body::Tombstone], observed))
+        })?;
+        Ok(Some(delta))
+    }
+
+    /// Applies an RFC 7396 JSON merge patch to the document at `key`, creating it. Concurrent
+    /// patches to different fields both take effect; to one field, automerge picks one winner.
+    pub fn document_patch(
+        &mut self,
+        key: Key,
+        patch: &serde_json::Value,
+        now_millis: u64,
+    ) -> Result<Delta, Error> {
+        self.write(key, Some(Kind::Document), now_millis, |entry, dot| {
+            // Each edit writes as its own automerge actor, so a re-created document can never
+            // reuse an (actor, sequence) pair an older copy of it already holds.
+            let mut actor = dot.node.0.to_be_bytes().to_vec();
+            actor.extend_from_slice(&dot.seq.to_be_bytes());
+            let saved = document::apply_merge_patch(&document_versions(entry), &actor, patch)?;
+            check_len("document", saved.len(), MAX_DOCUMENT_LEN)?;
+            let observed = entry
+                .items
+                .iter()
+                .filter(|item| item.is_tombstone() || item.kind() == Some(Kind::Document))
+                .map(|item| item.dot)
+                .collect();
+            Ok((vec![Body::Document(saved.into_boxed_slice())], observed))
+        })
+    }
+
+    /// Makes one local write: `build` sees the key's entry and the new dot and returns the new
+    /// items' bodies and the dots the write observed (and so removes).
+    fn write(
+        &mut self,
+        key: Key,
+        kind: Option<Kind>,
+        now_millis: u64,
+        build: impl FnOnce(&Entry, Dot) -> Result<(Vec<Body>, Vec<Dot>), Error>,
+    ) -> Result<Delta, Error> {
+        let empty = Entry::default();
+        let entry = self.entries.get(&key).unwrap_or(&empty);
+        if let Some(kind) = kind {
+            check_kind(&key, entry, kind)?;
+        }
+        let dot = Dot::new(self.node, self.version.get(self.node) + 1);
+        let (bodies, observed) = build(entry, dot)?;
+        let time = self.clock.tick(now_millis).packed();
+        let mut items: Vec<Item> = bodies
+            .into_iter()
+            .map(|body| Item { dot, time, body })
+            .collect();
+        items.sort_by(Item::identity_cmp);
+        let mut context = CausalContext::new();
+        context.insert(dot);
+        for seen in observed {
+            context.insert(seen);
+        }
+        let deps = std::mem::take(&mut self.pending_deps)
+            .iter()
+            .filter(|&(node, _)| node != self.node)
+            .map(|(node, seq)| Dot::new(node, seq))
+            .collect();
+        let delta = Delta {
+            write: Some(WriteHeader { dot, deps }),
+            context,
+            full: false,
+            collected: VersionVector::new(),
+            entries: vec![(key, items)],
+        };
+        self.merge_write(&delta);
+        Ok(delta)
+    }
+
+    // ---- remote deltas ----
+
+    /// Merges a peer's delta. A write delta whose causes have not all been applied is held back
+    /// and merged as soon as they are; merging is idempotent, so duplicates are harmless.
+    ///
+    /// Errors leave the replica unchanged: [`Error::Invalid`] for a delta that breaks the format's
+    /// invariants, [`Error::BufferFull`] when it would have to be held back and there is no room.
+    pub fn apply(&mut self, delta: Delta) -> Result<Applied, Error> {
+        delta.validate()?;
+        let Some(header) = &delta.write else {
+            self.merge_sync(&delta);
+            let released = self.release_held();
+            return Ok(Applied::Merged { released });
+        };
+        if self.version.contains(header.dot) {
+            return Ok(Applied::Duplicate);
+        }
+        if !self.is_ready(&delta) {
+            if self.held.contains_key(&header.dot) {
+                return Ok(Applied::Buffered);
+            }
+            let bytes = held_size(&delta);
+            if self.held.len() >= self.config.buffer_deltas
+                || self.held_bytes + bytes > self.config.buffer_bytes
+            {
+                return Err(Error::BufferFull {
+                    deltas: self.held.len(),
+                    bytes: self.held_bytes,
+                });
+            }
+            self.held_bytes += bytes;
+            self.held.insert(header.dot, delta);
+            return Ok(Applied::Buffered);
+        }
+        self.merge_write(&delta);
+        let released = self.release_held();
+        Ok(Applied::Merged { released })
+    }
+
+    /// Whether every cause of a (not yet applied) write delta has been applied here.
+    fn is_ready(&self, delta: &Delta) -> bool {
+        let Some(header) = &delta.write else {
+            return true;
+        };
+        let dot = header.dot;
+        let caused_by = |seen: Dot| seen == dot || self.version.contains(seen);
+        self.version.get(dot.node) + 1 == dot.seq
+            && header.deps.iter().all(|&dep| self.version.contains(dep))
+            && delta.context.cloud().all(caused_by)
+            && delta.context.vector().iter().all(|(node, seq)| {
+                let limit = if node == dot.node {
+                    dot.seq
+                } else {
+                    self.version.get(node)
+                };
+                seq <= limit
+            })
+    }
+
+    /// Merges a ready write delta (a local one or a peer's).
+    fn merge_write(&mut self, delta: &Delta) {
+        let dot = delta
+            .dot()
+            .expect("merge_write is only called with write deltas");
+        for (key, items) in &delta.entries {
+            self.merge_entry(key, items, &delta.context);
+            for item in items {
+                self.clock.observe(item.hlc());
+            }
+        }
+        self.version.raise(dot.node, dot.seq);
+        if dot.node != self.node {
+            self.pending_deps.raise(dot.node, dot.seq);
+        }
+    }
+
+    /// Merges a sync delta: collect what its author collected, merge its entries, and cover its
+    /// whole context.
+    fn merge_sync(&mut self, delta: &Delta) {
+        self.collect_garbage(&delta.collected);
+        let mut theirs = delta.entries.iter().peekable();
+        if delta.full {
+            // Keys absent from a full delta are absent at its author: merge them against nothing.
+            let ours: Vec<Key> = self.entries.keys().cloned().collect();
+            for key in ours {
+                while theirs.next_if(|(next, _)| *next < key).is_some() {}
+                if theirs.peek().is_none_or(|(next, _)| *next != key) {
+                    self.merge_entry(&key, &[], &delta.context);
+                }
+            }
+        }
+        for (key, items) in &delta.entries {
+            self.merge_entry(key, items, &delta.context);
+            for item in items {
+                self.clock.observe(item.hlc());
+            }
+        }
+        for (node, seq) in delta.context.vector().iter() {
+            if node != self.node && seq > self.version.get(node) {
+                self.pending_deps.raise(node, seq);
+            }
+        }
+        self.version.join(delta.context.vector());
+    }
+
+    /// Merges one key's items and records a change event when the key's value changed.
+    fn merge_entry(&mut self, key: &Key, items: &[Item], context: &CausalContext) {
+        let entry = self.entries.entry(key.clone()).or_default();
+        let was_live = entry.kind().is_some();
+        if !entry.merge(&self.version, items, context) {
+            if entry.is_empty() {
+                self.entries.remove(key);
+            }
+            return;
+        }
+        let change = match read(entry) {
+            Ok(Some(value)) => Some(Change::Put(value)),
+            Ok(None) => was_live.then_some(Change::Delete),
+            // A document whose versions cannot be merged still changed; watchers read it and get
+            // the error themselves. Validation on decode makes this unreachable in practice.
+            Err(_) => None,
+        };
+        if entry.is_empty() {
+            self.entries.remove(key);
+        }
+        if let Some(change) = change {
+            self.feed.push(key.clone(), change);
+        }
+    }
+
+    /// Merges every held-back delta that has become ready, and drops those made redundant.
+    fn release_held(&mut self) -> usize {
+        let mut released = 0;
+        loop {
+            let version = &self.version;
+            self.held.retain(|dot, _| !version.contains(*dot));
+            let ready: Vec<Dot> = self
+                .held
+                .iter()
+                .filter(|(_, delta)| self.is_ready(delta))
+                .map(|(dot, _)| *dot)
+                .collect();
+            if ready.is_empty() {
+                break;
+            }
+            for dot in ready {
+                if let Some(delta) = self.held.remove(&dot)
+                    && self.is_ready(&delta)
+                {
+                    self.merge_write(&delta);
+                    released += 1;
+                }
+            }
+        }
+        self.held_bytes = self.held.values().map(held_size).sum();
+        released
+    }
+
+    // ---- anti-entropy and garbage collection ----
+
+    /// Everything a peer whose version vector is `theirs` lacks, as one sync delta.
+    ///
+    /// Keys changed since `theirs` are sent whole. When the peer is missing writes whose tombstones
+    /// this replica has already collected, the delta is this replica's full state instead.
+    pub fn delta_since(&self, theirs: &VersionVector) -> Delta {
+        let full = !theirs.dominates(&self.collected);
+        let entries = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| full || entry.items.iter().any(|item| !theirs.contains(item.dot)))
+            .map(|(key, entry)| (key.clone(), entry.items.clone()))
+            .collect();
+        Delta {
+            write: None,
+            context: CausalContext::from(self.version.clone()),
+            full,
+            collected: self.collected.clone(),
+            entries,
+        }
+    }
+
+    /// The whole state as a sync delta: what a new or far-behind peer bootstraps from.
+    pub fn full_delta(&self) -> Delta {
+        let mut delta = self.delta_since(&VersionVector::new());
+        delta.full = true;
+        delta
+    }
+
+    /// Drops tombstones that `stable` covers (clamped to what this replica has applied).
+    ///
+    /// `stable` should be the causally stable vector: the pointwise minimum of every live member's
+    /// version vector. Collection never changes what a read returns; it only decides whether a
+    /// peer can still be caught up key by key or needs [`Replica::full_delta`].
+    pub fn collect_garbage(&mut self, stable: &VersionVector) -> Collected {
+        let floor = stable.meet(&self.version);
+        if self.collected.dominates(&floor) {
+            return Collected::default();
+        }
+        self.collected.join(&floor);
+        let collected = &self.collected;
+        let mut counts = Collected::default();
+        self.entries.retain(|_, entry| {
+            let before = entry.items.len();
+            entry
+                .items
+                .retain(|item| !(item.is_tombstone() && collected.contains(item.dot)));
+            counts.tombstones += before - entry.items.len();
+            let keep = !entry.is_empty();
+            counts.keys += usize::from(!keep);
+            keep
+        });
+        counts
+    }
+
+    // ---- snapshots ----
+
+    /// The whole replica as bytes (a format version byte, then postcard), for persistence.
+    /// Held-back deltas are not included: anti-entropy delivers them again.
+    pub fn snapshot(&self) -> Vec<u8> {
+        codec::encode(
+            SNAPSHOT_FORMAT,
+            &SnapshotBody {
+                node: self.node,
+                clock: self.clock.clone(),
+                version: self.version.clone(),
+                collected: self.collected.clone(),
+                feed_cursor: self.feed.last(),
+                entries: self
+                    .entries
+                    .iter()
+                    .map(|(key, entry)| (key.clone(), entry.clone()))
+                    .collect(),
+            },
+        )
+    }
+
+    /// Rebuilds a replica from [`Replica::snapshot`] bytes, validating everything. Never panics;
+    /// allocates in proportion to `bytes.len()`.
+    pub fn restore(bytes: &[u8], config: ReplicaConfig) -> Result<Replica, Error> {
+        let body: SnapshotBody = codec::decode("snapshot", SNAPSHOT_FORMAT, bytes)?;
+        let invalid = |reason: String| Error::Invalid {
+            what: "snapshot",
+            reason,
+        };
+        if !body.version.dominates(&body.collected) {
+            return Err(invalid("collected beyond the version vector".into()));
+        }
+        let context = CausalContext::from(body.version.clone());
+        let mut entries = BTreeMap::new();
+        for (key, entry) in body.entries {
+            validate_items(&entry.items, &context)
+                .map_err(|reason| invalid(format!("key {key:?}: {reason}")))?;
+            if entry.is_empty() {
+                return Err(invalid(format!("key {key:?} has an empty entry")));
+            }
+            if entries.insert(key.clone(), entry).is_some() {
+                return Err(invalid(format!("key {key:?} appears twice")));
+            }
+        }
+        let mut clock = body.clock;
+        for item in entries.values().flat_map(|entry| &entry.items) {
+            clock.observe(item.hlc());
+        }
+        // The dependencies accumulated since the last write were not saved: depend on
+        // everything, once, which is always safe.
+        let pending_deps = body
+            .version
+            .iter()
+            .filter(|&(node, _)| node != body.node)
+            .collect();
+        Ok(Replica {
+            node: body.node,
+            clock,
+            version: body.version,
+            entries,
+            collected: body.collected,
+            pending_deps,
+            held: BTreeMap::new(),
+            held_bytes: 0,
+            feed: Feed::new(config.feed_capacity, body.feed_cursor),
+            config,
+        })
+    }
+}
+
+fn check_len(what: &'static str, len: usize, max: usize) -> Result<(), Error> {
+    if len > max {
+        return Err(Error::TooLarge { what, len, max });
+    }
+    Ok(())
+}
+
+fn check_kind(key: &Key, entry: &Entry, expected: Kind) -> Result<(), Error> {
+    match entry.kind() {
+        Some(found) if found != expected => Err(Error::WrongType {
+            key: key.to_string(),
+            expected,
+            found,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn held_size(delta: &Delta) -> usize {
+    delta
+        .entries
+        .iter()
+        .map(|(key, items)| key.as_bytes().len() + items.iter().map(Item::size).sum::<usize>())
+        .sum::<usize>()
+        + 64
+}
