@@ -731,3 +731,163 @@ fn held_size(delta: &Delta) -> usize {
         .sum::<usize>()
         + 64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> Key {
+        Key::new(name).expect("valid key")
+    }
+
+    fn register(replica: &Replica, name: &str) -> Option<Vec<u8>> {
+        match replica.get(&key(name)).expect("readable") {
+            Some(Value::Register(register)) => Some(register.value),
+            Some(other) => panic!("{name} holds {other:?}"),
+            None => None,
+        }
+    }
+
+    #[test]
+    fn writing_another_type_over_a_key_is_an_error_until_it_is_deleted() {
+        let mut replica = Replica::new(NodeId(1));
+        replica.counter_add(key("k"), 1, 10).unwrap();
+        let err = replica.put(key("k"), b"x".to_vec(), 11).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::WrongType {
+                expected: Kind::Register,
+                found: Kind::Counter,
+                ..
+            }
+        ));
+        assert_eq!(
+            replica.version().get(NodeId(1)),
+            1,
+            "a failed write uses no dot"
+        );
+        replica
+            .delete(key("k"), 12)
+            .unwrap()
+            .expect("the key held a value");
+        replica.put(key("k"), b"x".to_vec(), 13).unwrap();
+        assert_eq!(register(&replica, "k"), Some(b"x".to_vec()));
+    }
+
+    #[test]
+    fn deleting_an_absent_key_writes_nothing() {
+        let mut replica = Replica::new(NodeId(1));
+        assert!(replica.delete(key("nope"), 1).unwrap().is_none());
+        assert!(replica.version().is_empty());
+        assert_eq!(replica.cursor(), 0);
+    }
+
+    #[test]
+    fn concurrent_writes_of_different_types_converge_to_the_most_recent_type() {
+        let mut a = Replica::new(NodeId(1));
+        let mut b = Replica::new(NodeId(2));
+        let from_a = a.counter_add(key("k"), 5, 100).unwrap();
+        let from_b = b.put(key("k"), b"text".to_vec(), 200).unwrap();
+        a.apply(from_b).unwrap();
+        b.apply(from_a).unwrap();
+        assert_eq!(a.digest(), b.digest());
+        assert_eq!(register(&a, "k"), Some(b"text".to_vec()));
+        assert_eq!(register(&b, "k"), Some(b"text".to_vec()));
+    }
+
+    #[test]
+    fn removing_every_element_leaves_the_set_absent() {
+        let mut replica = Replica::new(NodeId(1));
+        replica
+            .set_add(key("s"), vec![b"a".to_vec(), b"b".to_vec()], 1)
+            .unwrap();
+        replica
+            .set_remove(key("s"), &[b"a".to_vec(), b"b".to_vec()], 2)
+            .unwrap()
+            .expect("elements were present");
+        assert_eq!(replica.get(&key("s")).unwrap(), None);
+        assert!(
+            replica
+                .set_remove(key("s"), &[b"a".to_vec()], 3)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_full_hold_back_buffer_refuses_and_changes_nothing() {
+        let mut a = Replica::new(NodeId(1));
+        let config = ReplicaConfig {
+            buffer_deltas: 1,
+            ..ReplicaConfig::default()
+        };
+        let mut b = Replica::with_config(NodeId(2), config);
+        let first = a.put(key("x"), b"1".to_vec(), 1).unwrap();
+        let second = a.put(key("y"), b"2".to_vec(), 2).unwrap();
+        let third = a.put(key("z"), b"3".to_vec(), 3).unwrap();
+        assert_eq!(b.apply(second).unwrap(), Applied::Buffered);
+        assert!(matches!(
+            b.apply(third.clone()),
+            Err(Error::BufferFull { .. })
+        ));
+        assert_eq!(b.held_back(), 1);
+        assert_eq!(b.apply(first).unwrap(), Applied::Merged { released: 1 });
+        assert_eq!(b.apply(third).unwrap(), Applied::Merged { released: 0 });
+        assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn a_delta_whose_items_lie_outside_its_context_is_rejected() {
+        let mut a = Replica::new(NodeId(1));
+        let mut delta = a.put(key("k"), b"v".to_vec(), 1).unwrap();
+        delta.entries[0].1[0].dot = Dot::new(NodeId(9), 4);
+        let mut b = Replica::new(NodeId(2));
+        assert!(matches!(b.apply(delta.clone()), Err(Error::Invalid { .. })));
+        assert!(Delta::decode(&delta.encode()).is_err());
+        assert_eq!(b.digest(), Replica::new(NodeId(2)).digest());
+    }
+
+    #[test]
+    fn concurrent_document_patches_to_different_fields_both_apply() {
+        let mut a = Replica::new(NodeId(1));
+        let mut b = Replica::new(NodeId(2));
+        let created = a
+            .document_patch(
+                key("job"),
+                &serde_json::json!({"name": "web", "count": 1}),
+                1,
+            )
+            .unwrap();
+        b.apply(created).unwrap();
+        let from_a = a
+            .document_patch(key("job"), &serde_json::json!({"count": 3}), 2)
+            .unwrap();
+        let from_b = b
+            .document_patch(key("job"), &serde_json::json!({"image": "nginx"}), 2)
+            .unwrap();
+        a.apply(from_b).unwrap();
+        b.apply(from_a).unwrap();
+        let expected = serde_json::json!({"name": "web", "count": 3, "image": "nginx"});
+        assert_eq!(
+            a.get(&key("job")).unwrap(),
+            Some(Value::Document(expected.clone()))
+        );
+        assert_eq!(b.get(&key("job")).unwrap(), Some(Value::Document(expected)));
+        assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn a_delete_concurrent_with_an_increment_keeps_the_incrementing_node_total() {
+        let mut a = Replica::new(NodeId(1));
+        let mut b = Replica::new(NodeId(2));
+        let first = a.counter_add(key("c"), 5, 1).unwrap();
+        b.apply(first).unwrap();
+        let deleted = b.delete(key("c"), 2).unwrap().expect("counter present");
+        let incremented = a.counter_add(key("c"), 1, 2).unwrap();
+        a.apply(deleted).unwrap();
+        b.apply(incremented).unwrap();
+        // Documented semantics: the increment wins, carrying node 1's running total.
+        assert_eq!(a.get(&key("c")).unwrap(), Some(Value::Counter(6)));
+        assert_eq!(a.digest(), b.digest());
+    }
+}
