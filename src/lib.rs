@@ -10,3 +10,6 @@
 #![forbid(unsafe_code)]
 
 pub mod crdt;
+pub mod gossip;
+#[cfg(feature = "runtime")]
+pub mod runtime;

@@ -4,7 +4,7 @@
 //! deltas merge in causal order. Time is passed in by the caller, so the same inputs always give the
 //! same state. See `docs/architecture.md` for the model and the rules it keeps.
 
-mod codec;
+pub(crate) mod codec;
 mod delta;
 mod document;
 mod entry;

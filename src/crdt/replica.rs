@@ -213,6 +213,11 @@ impl Replica {
             .count()
     }
 
+    /// Whether the write `dot` has been applied here or is held back waiting for its causes.
+    pub fn knows(&self, dot: Dot) -> bool {
+        self.version.contains(dot) || self.held.contains_key(&dot)
+    }
+
     /// Write deltas currently held back waiting for their causes.
     pub fn held_back(&self) -> usize {
         self.held.len()

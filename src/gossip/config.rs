@@ -1,0 +1,117 @@
+//! Protocol settings, with presets for a LAN and a WAN.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+/// Settings of the gossip protocol. Start from [`Config::lan`] or [`Config::wan`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The expected number of members; tunes how long suspicion lasts and how often membership
+    /// updates are repeated.
+    pub cluster_size: NonZeroU32,
+    /// Peers a new write is pushed to eagerly (the dissemination tree's fan-out before pruning).
+    pub eager_peers: usize,
+    /// Peers that are only told "I have this write" and ask for it when their tree branch fails.
+    pub lazy_peers: usize,
+    /// How long "I have" announcements gather before they are sent, to batch them.
+    pub announce_delay: Duration,
+    /// How long a node waits for an announced write to arrive through the tree before it asks the
+    /// announcer for it (and makes that link part of the tree).
+    pub graft_timeout: Duration,
+    /// How often a node reconciles with one random peer. Anti-entropy repairs whatever
+    /// dissemination lost: a dropped message, a partition, a restart.
+    pub anti_entropy_interval: Duration,
+    /// How often tombstones that every live member has seen are collected.
+    pub gc_interval: Duration,
+    /// Recently seen writes kept to answer peers that ask for one.
+    pub recent_writes: usize,
+    /// The largest message accepted from a peer, in bytes.
+    pub max_message_bytes: usize,
+    /// The largest SWIM packet; must fit a QUIC datagram.
+    pub max_swim_packet: usize,
+    /// SWIM settings are derived from memberlist's LAN defaults (`true`) or WAN defaults.
+    pub lan: bool,
+}
+
+/// Why a [`Config`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid gossip config: {field} {problem}")]
+pub struct ConfigError {
+    /// The field at fault.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: &'static str,
+}
+
+impl Config {
+    /// For members in one data centre: SWIM probes every second, anti-entropy every second.
+    pub fn lan() -> Self {
+        Config {
+            cluster_size: NonZeroU32::new(32).expect("32 is not zero"),
+            eager_peers: 3,
+            lazy_peers: 6,
+            announce_delay: Duration::from_millis(20),
+            graft_timeout: Duration::from_millis(150),
+            anti_entropy_interval: Duration::from_secs(1),
+            gc_interval: Duration::from_secs(10),
+            recent_writes: 16_384,
+            max_message_bytes: 64 * 1024 * 1024,
+            max_swim_packet: 1_100,
+            lan: true,
+        }
+    }
+
+    /// For members spread across regions: slower probes and longer timeouts.
+    pub fn wan() -> Self {
+        Config {
+            announce_delay: Duration::from_millis(100),
+            graft_timeout: Duration::from_millis(800),
+            anti_entropy_interval: Duration::from_secs(5),
+            gc_interval: Duration::from_secs(60),
+            lan: false,
+            ..Config::lan()
+        }
+    }
+
+    /// Checks that the settings make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |field, problem| Err(ConfigError { field, problem });
+        if self.eager_peers == 0 {
+            return fail("eager_peers", "must be at least 1");
+        }
+        if self.anti_entropy_interval.is_zero() {
+            return fail("anti_entropy_interval", "must be positive");
+        }
+        if self.gc_interval.is_zero() {
+            return fail("gc_interval", "must be positive");
+        }
+        if self.graft_timeout.is_zero() {
+            return fail("graft_timeout", "must be positive");
+        }
+        if self.max_swim_packet < 512 {
+            return fail("max_swim_packet", "must be at least 512 bytes");
+        }
+        if self.max_message_bytes < 64 * 1024 {
+            return fail("max_message_bytes", "must be at least 64 KiB");
+        }
+        Ok(())
+    }
+
+    /// The SWIM settings these derive.
+    pub(crate) fn swim(&self) -> foca::Config {
+        let mut swim = if self.lan {
+            foca::Config::new_lan(self.cluster_size)
+        } else {
+            foca::Config::new_wan(self.cluster_size)
+        };
+        swim.max_packet_size = std::num::NonZeroUsize::new(self.max_swim_packet)
+            .expect("validated to be at least 512");
+        swim
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::lan()
+    }
+}

@@ -1,0 +1,854 @@
+//! The protocol state machine of one member: membership, dissemination and anti-entropy, sans IO.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use foca::{Foca, NoCustomBroadcast, Notification, PostcardCodec, Timer};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use rand::seq::IteratorRandom;
+
+use crate::crdt::{self, Applied, Delta, Dot, Replica, VersionVector};
+use crate::gossip::message::{MAX_DOTS_PER_MESSAGE, Message, version_hash};
+use crate::gossip::recent::RecentWrites;
+use crate::gossip::{Config, ConfigError, Member, MemberName};
+
+/// Where a message goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// The member's certified name; `None` for a seed address whose member is not known yet, where
+    /// any certificate of the cluster is accepted.
+    pub name: Option<MemberName>,
+    /// Where to reach it.
+    pub addr: SocketAddr,
+}
+
+/// How a message should travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Channel {
+    /// An unreliable datagram: SWIM probes, which tolerate loss.
+    Datagram,
+    /// A reliable stream: writes, anti-entropy, snapshots.
+    Stream,
+}
+
+/// A message for the runtime to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The recipient.
+    pub to: Destination,
+    /// The channel it needs.
+    pub channel: Channel,
+    /// The encoded message.
+    pub payload: Vec<u8>,
+}
+
+/// Something the application may want to know about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A member joined or came back.
+    MemberUp(Member),
+    /// A member left or was declared down.
+    MemberDown(Member),
+    /// This node was declared down by the others and rejoined under a new generation.
+    Rejoined(Member),
+}
+
+/// Why a message from a peer was dropped. Dropping never changes the node's state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The bytes are not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(#[source] crdt::Error),
+    /// A SWIM packet named a sender other than the authenticated peer.
+    #[error("peer {authenticated} sent a membership packet claiming to be {claimed}")]
+    Impersonation {
+        /// The name in the packet.
+        claimed: String,
+        /// The name its certificate proves.
+        authenticated: MemberName,
+    },
+    /// The membership layer refused the packet.
+    #[error("membership packet refused: {0}")]
+    Swim(String),
+    /// A write could not be applied (for instance, the hold-back buffer is full).
+    #[error("write not applied: {0}")]
+    Apply(#[source] crdt::Error),
+}
+
+/// Counters of what the node sent and received.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages handed to the runtime.
+    pub messages_sent: u64,
+    /// Bytes handed to the runtime.
+    pub bytes_sent: u64,
+    /// Bytes sent, by message kind (`swim`, `push`, `ihave`, `digest`, …).
+    pub bytes_sent_by_kind: BTreeMap<&'static str, u64>,
+    /// Messages received from peers.
+    pub messages_received: u64,
+    /// Bytes received from peers.
+    pub bytes_received: u64,
+    /// Peers' writes received for the first time through dissemination.
+    pub writes_received: u64,
+    /// Peers' writes received again: the redundancy the push tree prunes away.
+    pub duplicate_writes: u64,
+    /// Writes asked for after an announcement because the tree did not deliver them in time.
+    pub grafts: u64,
+    /// Anti-entropy rounds this node opened.
+    pub anti_entropy_rounds: u64,
+    /// Anti-entropy rounds that found something to exchange.
+    pub anti_entropy_repairs: u64,
+    /// Messages dropped because they were malformed or forged.
+    pub rejected_messages: u64,
+    /// Tombstones collected.
+    pub tombstones_collected: u64,
+}
+
+/// What the node will do when a timer fires.
+#[derive(Clone, Debug)]
+enum Task {
+    Swim(Timer<Member>),
+    Announce,
+    Graft,
+    AntiEntropy,
+    CollectGarbage,
+}
+
+/// One member's protocol state machine.
+///
+/// Inputs are [`Node::handle_message`], [`Node::handle_timeout`] and the local writes of
+/// [`Node::write`], each with the current time passed in; outputs are drained with
+/// [`Node::poll_transmit`], [`Node::poll_timeout`] and [`Node::poll_event`]. It never touches a
+/// socket or a clock, and its randomness comes from the seed it was built with, so a run is
+/// reproducible.
+pub struct Node {
+    me: Member,
+    config: Config,
+    replica: Replica,
+    swim: Foca<Member, PostcardCodec, SmallRng, NoCustomBroadcast>,
+    rng: SmallRng,
+    /// Members SWIM considers alive, by name.
+    members: BTreeMap<MemberName, Member>,
+    /// Where each peer was last reached or said it could be.
+    addresses: BTreeMap<MemberName, SocketAddr>,
+    /// Peers that get new writes pushed in full.
+    eager: BTreeSet<MemberName>,
+    /// Peers that only get announcements.
+    lazy: BTreeSet<MemberName>,
+    /// Writes made or received recently, to forward and to answer grafts.
+    recent: RecentWrites,
+    /// Local writes not yet pushed (pushed together at the next poll).
+    outgoing: Vec<Delta>,
+    /// Announcements waiting for the next announce task, by peer.
+    announcements: BTreeMap<MemberName, Vec<Dot>>,
+    /// Announced writes not received yet: who announced them, and when to ask.
+    missing: BTreeMap<Dot, Missing>,
+    /// The last version vector each member was known to have, for causal stability.
+    reports: BTreeMap<MemberName, VersionVector>,
+    /// The digest this node last opened anti-entropy with: (peer, hash, vector).
+    last_digest: Option<(MemberName, u64, VersionVector)>,
+    tasks: BTreeMap<(Instant, u64), Task>,
+    /// The latest time any input carried.
+    now: Instant,
+    task_seq: u64,
+    announce_scheduled: bool,
+    outbox: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    stats: Stats,
+}
+
+#[derive(Clone, Debug)]
+struct Missing {
+    announcers: Vec<MemberName>,
+    ask_at: Instant,
+}
+
+impl Node {
+    /// A node for `me` holding `replica`. `seed` drives every random choice.
+    pub fn new(
+        me: Member,
+        replica: Replica,
+        config: Config,
+        seed: u64,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let swim = Foca::new(
+            me.clone(),
+            config.swim(),
+            SmallRng::seed_from_u64(seed),
+            PostcardCodec,
+        );
+        let mut node = Node {
+            me,
+            recent: RecentWrites::new(config.recent_writes),
+            config,
+            replica,
+            swim,
+            rng: SmallRng::seed_from_u64(seed ^ 0x5eed_0f90_551b),
+            members: BTreeMap::new(),
+            addresses: BTreeMap::new(),
+            eager: BTreeSet::new(),
+            lazy: BTreeSet::new(),
+            outgoing: Vec::new(),
+            announcements: BTreeMap::new(),
+            missing: BTreeMap::new(),
+            reports: BTreeMap::new(),
+            last_digest: None,
+            tasks: BTreeMap::new(),
+            now,
+            task_seq: 0,
+            announce_scheduled: false,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+        };
+        let first_round = now + node.config.anti_entropy_interval;
+        node.schedule(first_round, Task::AntiEntropy);
+        node.schedule(now + node.config.gc_interval, Task::CollectGarbage);
+        Ok(node)
+    }
+
+    // ---- views ----
+
+    /// This member.
+    pub fn me(&self) -> &Member {
+        &self.me
+    }
+
+    /// The replica, for reads.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// The members SWIM considers alive (without this one).
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    /// What the node has sent and received.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The last version vector each member was known to have.
+    pub fn reports(&self) -> &BTreeMap<MemberName, VersionVector> {
+        &self.reports
+    }
+
+    /// The peers this node pushes writes to eagerly, and those it only announces them to.
+    pub fn push_peers(&self) -> (&BTreeSet<MemberName>, &BTreeSet<MemberName>) {
+        (&self.eager, &self.lazy)
+    }
+
+    // ---- inputs ----
+
+    /// Joins the cluster through members at `seeds`.
+    pub fn join(&mut self, seeds: &[SocketAddr], now: Instant) {
+        for &addr in seeds {
+            if addr == self.me.addr {
+                continue;
+            }
+            let mut runtime = self.swim_runtime(now);
+            // Announce fails only for our own identity, which was skipped above.
+            let _ = self.swim.announce(Member::seed(addr), &mut runtime);
+            self.absorb_swim(runtime);
+        }
+    }
+
+    /// Learns members directly (for tests and simulations that skip the join phase).
+    pub fn add_members(&mut self, members: impl IntoIterator<Item = Member>, now: Instant) {
+        let updates: Vec<_> = members
+            .into_iter()
+            .filter(|member| member.name != self.me.name)
+            .map(foca::Member::alive)
+            .collect();
+        let mut runtime = self.swim_runtime(now);
+        let _ = self
+            .swim
+            .apply_many(updates.into_iter(), false, &mut runtime);
+        self.absorb_swim(runtime);
+    }
+
+    /// Announces that this member is leaving; peers stop probing it at once.
+    pub fn leave(&mut self, now: Instant) {
+        let mut runtime = self.swim_runtime(now);
+        let _ = self.swim.leave_cluster(&mut runtime);
+        self.absorb_swim(runtime);
+    }
+
+    /// Makes a local write with `op` and disseminates the delta it returns.
+    ///
+    /// Returns the write's dot, or `None` when `op` wrote nothing (a delete of an absent key).
+    pub fn write(
+        &mut self,
+        now: Instant,
+        op: impl FnOnce(&mut Replica) -> Result<Option<Delta>, crdt::Error>,
+    ) -> Result<Option<Dot>, crdt::Error> {
+        self.now = self.now.max(now);
+        let Some(delta) = op(&mut self.replica)? else {
+            return Ok(None);
+        };
+        let dot = delta.dot();
+        if let Some(dot) = dot {
+            self.recent.insert(dot, delta.clone());
+            self.outgoing.push(delta);
+        }
+        Ok(dot)
+    }
+
+    /// Handles a message from the peer whose certificate proves it is `from`, reached at `addr`.
+    pub fn handle_message(
+        &mut self,
+        from: &MemberName,
+        addr: SocketAddr,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
+        self.now = self.now.max(now);
+        self.stats.messages_received += 1;
+        self.stats.bytes_received += bytes.len() as u64;
+        let message = Message::decode(bytes).map_err(|err| {
+            self.stats.rejected_messages += 1;
+            ProtocolError::Malformed(err)
+        })?;
+        self.addresses.insert(from.clone(), addr);
+        match message {
+            Message::Swim(packet) => self.on_swim(from, &packet, now),
+            Message::Push { hops, deltas } => self.on_push(from, hops, deltas),
+            Message::IHave(dots) => {
+                self.on_ihave(from, dots, now);
+                Ok(())
+            }
+            Message::Graft(dots) => {
+                self.on_graft(from, &dots);
+                Ok(())
+            }
+            Message::Prune => {
+                if self.eager.remove(from) {
+                    self.lazy.insert(from.clone());
+                }
+                Ok(())
+            }
+            Message::Digest { hash } => {
+                self.on_digest(from, hash);
+                Ok(())
+            }
+            Message::InSync { hash } => {
+                if let Some((peer, sent, version)) = self.last_digest.take()
+                    && &peer == from
+                    && sent == hash
+                {
+                    self.reports.insert(peer, version);
+                }
+                Ok(())
+            }
+            Message::SyncRequest { version, reply } => {
+                self.on_sync_request(from, version, reply);
+                Ok(())
+            }
+            Message::Sync(delta) => self
+                .replica
+                .apply(delta)
+                .map(drop)
+                .map_err(ProtocolError::Apply),
+        }
+    }
+
+    /// Runs every task due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        while let Some(entry) = self.tasks.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let task = entry.remove();
+            self.run(task, now);
+        }
+    }
+
+    // ---- outputs ----
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if !self.outgoing.is_empty() {
+            self.push_local_writes();
+        }
+        self.outbox.pop_front()
+    }
+
+    /// When [`Node::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.tasks.keys().next().map(|(at, _)| *at)
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ---- dissemination ----
+
+    fn push_local_writes(&mut self) {
+        let deltas = std::mem::take(&mut self.outgoing);
+        let dots: Vec<Dot> = deltas.iter().filter_map(Delta::dot).collect();
+        let eager: Vec<MemberName> = self.eager.iter().cloned().collect();
+        for peer in &eager {
+            self.send(
+                peer,
+                &Message::Push {
+                    hops: 0,
+                    deltas: deltas.clone(),
+                },
+            );
+        }
+        let lazy: Vec<MemberName> = self.lazy.iter().cloned().collect();
+        self.announce(&lazy, &dots);
+    }
+
+    fn on_push(
+        &mut self,
+        from: &MemberName,
+        hops: u16,
+        deltas: Vec<Delta>,
+    ) -> Result<(), ProtocolError> {
+        let mut fresh = Vec::new();
+        let mut duplicate = false;
+        let mut failure = None;
+        for delta in deltas {
+            let Some(dot) = delta.dot() else { continue };
+            if self.replica.knows(dot) {
+                duplicate = true;
+                self.stats.duplicate_writes += 1;
+                continue;
+            }
+            match self.replica.apply(delta.clone()) {
+                Ok(Applied::Duplicate) => {
+                    duplicate = true;
+                    self.stats.duplicate_writes += 1;
+                }
+                Ok(_) => {
+                    self.stats.writes_received += 1;
+                    self.missing.remove(&dot);
+                    self.recent.insert(dot, delta.clone());
+                    fresh.push(delta);
+                }
+                Err(err) => failure = Some(ProtocolError::Apply(err)),
+            }
+        }
+        if duplicate && fresh.is_empty() && self.eager.remove(from) {
+            // A redundant path: keep the link, but only for announcements.
+            self.lazy.insert(from.clone());
+            self.send(from, &Message::Prune);
+        }
+        if !fresh.is_empty() {
+            if self.lazy.remove(from) || !self.eager.contains(from) {
+                self.eager.insert(from.clone());
+            }
+            self.forward(from, hops.saturating_add(1), fresh);
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn forward(&mut self, from: &MemberName, hops: u16, deltas: Vec<Delta>) {
+        let dots: Vec<Dot> = deltas.iter().filter_map(Delta::dot).collect();
+        let eager: Vec<MemberName> = self.eager.iter().filter(|p| *p != from).cloned().collect();
+        for peer in &eager {
+            self.send(
+                peer,
+                &Message::Push {
+                    hops,
+                    deltas: deltas.clone(),
+                },
+            );
+        }
+        let lazy: Vec<MemberName> = self.lazy.iter().filter(|p| *p != from).cloned().collect();
+        self.announce(&lazy, &dots);
+    }
+
+    /// Queues announcements of `dots` to `peers`, sent together by the next announce task.
+    fn announce(&mut self, peers: &[MemberName], dots: &[Dot]) {
+        if peers.is_empty() || dots.is_empty() {
+            return;
+        }
+        for peer in peers {
+            self.announcements
+                .entry(peer.clone())
+                .or_default()
+                .extend_from_slice(dots);
+        }
+        if !self.announce_scheduled {
+            self.announce_scheduled = true;
+            self.schedule(self.now + self.config.announce_delay, Task::Announce);
+        }
+    }
+
+    fn send_announcements(&mut self) {
+        self.announce_scheduled = false;
+        for (peer, mut dots) in std::mem::take(&mut self.announcements) {
+            dots.sort();
+            dots.dedup();
+            for chunk in dots.chunks(MAX_DOTS_PER_MESSAGE) {
+                self.send(&peer, &Message::IHave(chunk.to_vec()));
+            }
+        }
+    }
+
+    fn on_ihave(&mut self, from: &MemberName, dots: Vec<Dot>, now: Instant) {
+        let ask_at = now + self.config.graft_timeout;
+        let mut new = false;
+        for dot in dots {
+            if self.replica.knows(dot) {
+                continue;
+            }
+            let missing = self.missing.entry(dot).or_insert_with(|| {
+                new = true;
+                Missing {
+                    announcers: Vec::new(),
+                    ask_at,
+                }
+            });
+            if !missing.announcers.contains(from) && missing.announcers.len() < 8 {
+                missing.announcers.push(from.clone());
+            }
+        }
+        if new {
+            self.schedule(ask_at, Task::Graft);
+        }
+    }
+
+    fn send_grafts(&mut self, now: Instant) {
+        let mut requests: BTreeMap<MemberName, Vec<Dot>> = BTreeMap::new();
+        let mut next = None::<Instant>;
+        let known: Vec<Dot> = self
+            .missing
+            .keys()
+            .copied()
+            .filter(|dot| self.replica.knows(*dot))
+            .collect();
+        for dot in known {
+            self.missing.remove(&dot);
+        }
+        self.missing.retain(|dot, missing| {
+            if missing.ask_at > now {
+                next = Some(next.map_or(missing.ask_at, |at| at.min(missing.ask_at)));
+                return true;
+            }
+            if missing.announcers.is_empty() {
+                // Every announcer was asked; anti-entropy will repair it.
+                return false;
+            }
+            let announcer = missing.announcers.remove(0);
+            requests.entry(announcer).or_default().push(*dot);
+            missing.ask_at = now + self.config.graft_timeout;
+            next = Some(next.map_or(missing.ask_at, |at| at.min(missing.ask_at)));
+            true
+        });
+        for (peer, dots) in requests {
+            self.stats.grafts += dots.len() as u64;
+            self.lazy.remove(&peer);
+            self.eager.insert(peer.clone());
+            for chunk in dots.chunks(MAX_DOTS_PER_MESSAGE) {
+                self.send(&peer, &Message::Graft(chunk.to_vec()));
+            }
+        }
+        if let Some(at) = next {
+            self.schedule(at, Task::Graft);
+        }
+    }
+
+    fn on_graft(&mut self, from: &MemberName, dots: &[Dot]) {
+        self.lazy.remove(from);
+        self.eager.insert(from.clone());
+        let deltas: Vec<Delta> = dots
+            .iter()
+            .filter_map(|dot| self.recent.get(*dot).cloned())
+            .collect();
+        if !deltas.is_empty() {
+            self.send(from, &Message::Push { hops: 0, deltas });
+        }
+    }
+
+    // ---- anti-entropy and stability ----
+
+    fn open_anti_entropy(&mut self) {
+        let Some(peer) = self.members.keys().choose(&mut self.rng).cloned() else {
+            return;
+        };
+        self.stats.anti_entropy_rounds += 1;
+        let version = self.replica.version().clone();
+        let hash = version_hash(&version);
+        self.last_digest = Some((peer.clone(), hash, version));
+        self.send(&peer, &Message::Digest { hash });
+    }
+
+    fn on_digest(&mut self, from: &MemberName, hash: u64) {
+        if version_hash(self.replica.version()) == hash {
+            self.reports
+                .insert(from.clone(), self.replica.version().clone());
+            self.send(from, &Message::InSync { hash });
+        } else {
+            let version = self.replica.version().clone();
+            self.send(
+                from,
+                &Message::SyncRequest {
+                    version,
+                    reply: true,
+                },
+            );
+        }
+    }
+
+    fn on_sync_request(&mut self, from: &MemberName, theirs: VersionVector, reply: bool) {
+        self.stats.anti_entropy_repairs += u64::from(reply);
+        let delta = self.replica.delta_since(&theirs);
+        if !delta.is_empty() {
+            self.send(from, &Message::Sync(delta));
+        }
+        let they_have_more = !self.replica.version().dominates(&theirs);
+        self.reports.insert(from.clone(), theirs);
+        if reply && they_have_more {
+            let version = self.replica.version().clone();
+            self.send(
+                from,
+                &Message::SyncRequest {
+                    version,
+                    reply: false,
+                },
+            );
+        }
+    }
+
+    /// Collects tombstones every live member has seen. A member without a report blocks
+    /// collection until its first anti-entropy exchange; a member declared down stops counting.
+    fn collect_garbage(&mut self) {
+        let mut stable = self.replica.version().clone();
+        for name in self.members.keys() {
+            let Some(report) = self.reports.get(name) else {
+                return;
+            };
+            stable = stable.meet(report);
+        }
+        let collected = self.replica.collect_garbage(&stable);
+        self.stats.tombstones_collected += collected.tombstones as u64;
+    }
+
+    // ---- membership ----
+
+    fn on_swim(
+        &mut self,
+        from: &MemberName,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
+        use foca::Codec;
+        let header: foca::Header<Member> = PostcardCodec
+            .decode_header(packet)
+            .map_err(|err| ProtocolError::Swim(err.to_string()))?;
+        if &header.src.name != from {
+            self.stats.rejected_messages += 1;
+            return Err(ProtocolError::Impersonation {
+                claimed: header.src.name.to_string(),
+                authenticated: from.clone(),
+            });
+        }
+        let mut runtime = self.swim_runtime(now);
+        let result = self.swim.handle_data(packet, &mut runtime);
+        self.absorb_swim(runtime);
+        result.map_err(|err| ProtocolError::Swim(err.to_string()))
+    }
+
+    fn swim_runtime(&self, now: Instant) -> SwimRuntime {
+        SwimRuntime {
+            now,
+            sends: Vec::new(),
+            timers: Vec::new(),
+            notifications: Vec::new(),
+        }
+    }
+
+    /// Turns what SWIM asked for into transmissions, tasks and membership changes.
+    fn absorb_swim(&mut self, runtime: SwimRuntime) {
+        for (to, packet) in runtime.sends {
+            let name = (!to.is_seed()).then(|| to.name.clone());
+            self.transmit(
+                Destination {
+                    name,
+                    addr: to.addr,
+                },
+                Channel::Datagram,
+                &Message::Swim(packet),
+            );
+        }
+        for (at, timer) in runtime.timers {
+            self.schedule(at, Task::Swim(timer));
+        }
+        for notification in runtime.notifications {
+            match notification {
+                Change::Up(member) => self.member_up(member),
+                Change::Down(member) => self.member_down(&member),
+                Change::Rejoined(member) => {
+                    self.me = member.clone();
+                    self.events.push_back(Event::Rejoined(member));
+                }
+            }
+        }
+    }
+
+    fn member_up(&mut self, member: Member) {
+        let name = member.name.clone();
+        self.addresses.insert(name.clone(), member.addr);
+        self.members.insert(name.clone(), member.clone());
+        if self.eager.len() < self.config.eager_peers {
+            self.make_eager(name);
+        } else if self.lazy.len() < self.config.lazy_peers && !self.eager.contains(&name) {
+            self.lazy.insert(name);
+        }
+        self.events.push_back(Event::MemberUp(member));
+    }
+
+    fn member_down(&mut self, member: &Member) {
+        let name = &member.name;
+        if self.members.get(name) != Some(member) {
+            return;
+        }
+        self.members.remove(name);
+        self.reports.remove(name);
+        self.eager.remove(name);
+        self.lazy.remove(name);
+        self.refill_peers();
+        self.events.push_back(Event::MemberDown(member.clone()));
+    }
+
+    /// Tops the push peers back up from the live members after one went away.
+    fn refill_peers(&mut self) {
+        while self.eager.len() < self.config.eager_peers {
+            let Some(name) = self.lazy.iter().choose(&mut self.rng).cloned() else {
+                break;
+            };
+            self.lazy.remove(&name);
+            self.make_eager(name);
+        }
+        let candidates: Vec<MemberName> = self
+            .members
+            .keys()
+            .filter(|name| !self.eager.contains(*name) && !self.lazy.contains(*name))
+            .cloned()
+            .collect();
+        let room = self.config.eager_peers.saturating_sub(self.eager.len())
+            + self.config.lazy_peers.saturating_sub(self.lazy.len());
+        for name in candidates.into_iter().sample(&mut self.rng, room) {
+            if self.eager.len() < self.config.eager_peers {
+                self.make_eager(name);
+            } else {
+                self.lazy.insert(name);
+            }
+        }
+    }
+
+    /// Adds an eager push link, and asks the peer (with an empty graft) to push to us too: the
+    /// tree needs links in both directions, or a node nobody picked would get writes only through
+    /// announcements.
+    fn make_eager(&mut self, name: MemberName) {
+        if self.eager.insert(name.clone()) {
+            self.send(&name, &Message::Graft(Vec::new()));
+        }
+    }
+
+    // ---- plumbing ----
+
+    fn run(&mut self, task: Task, now: Instant) {
+        match task {
+            Task::Swim(timer) => {
+                let mut runtime = self.swim_runtime(now);
+                let _ = self.swim.handle_timer(timer, &mut runtime);
+                self.absorb_swim(runtime);
+            }
+            Task::Announce => self.send_announcements(),
+            Task::Graft => self.send_grafts(now),
+            Task::AntiEntropy => {
+                self.open_anti_entropy();
+                self.schedule(now + self.config.anti_entropy_interval, Task::AntiEntropy);
+            }
+            Task::CollectGarbage => {
+                self.collect_garbage();
+                self.schedule(now + self.config.gc_interval, Task::CollectGarbage);
+            }
+        }
+    }
+
+    fn schedule(&mut self, at: Instant, task: Task) {
+        self.task_seq += 1;
+        self.tasks.insert((at, self.task_seq), task);
+    }
+
+    fn send(&mut self, peer: &MemberName, message: &Message) {
+        let Some(&addr) = self.addresses.get(peer) else {
+            return;
+        };
+        let to = Destination {
+            name: Some(peer.clone()),
+            addr,
+        };
+        self.transmit(to, Channel::Stream, message);
+    }
+
+    fn transmit(&mut self, to: Destination, channel: Channel, message: &Message) {
+        let payload = message.encode();
+        self.stats.messages_sent += 1;
+        self.stats.bytes_sent += payload.len() as u64;
+        *self
+            .stats
+            .bytes_sent_by_kind
+            .entry(message.kind())
+            .or_default() += payload.len() as u64;
+        self.outbox.push_back(Transmit {
+            to,
+            channel,
+            payload,
+        });
+    }
+}
+
+/// A membership change SWIM reported.
+enum Change {
+    Up(Member),
+    Down(Member),
+    Rejoined(Member),
+}
+
+/// Collects what SWIM asks for during one call, to be absorbed after it.
+struct SwimRuntime {
+    now: Instant,
+    sends: Vec<(Member, Vec<u8>)>,
+    timers: Vec<(Instant, Timer<Member>)>,
+    notifications: Vec<Change>,
+}
+
+impl foca::Runtime<Member> for SwimRuntime {
+    fn notify(&mut self, notification: Notification<'_, Member>) {
+        match notification {
+            Notification::MemberUp(member) => self.notifications.push(Change::Up(member.clone())),
+            Notification::MemberDown(member) => {
+                self.notifications.push(Change::Down(member.clone()));
+            }
+            // Another member came back under a new identity with the same name.
+            Notification::Rename(_, new) => self.notifications.push(Change::Up(new.clone())),
+            Notification::Rejoin(me) => self.notifications.push(Change::Rejoined(me.clone())),
+            _ => {}
+        }
+    }
+
+    fn send_to(&mut self, to: Member, data: &[u8]) {
+        self.sends.push((to, data.to_vec()));
+    }
+
+    fn submit_after(&mut self, event: Timer<Member>, after: std::time::Duration) {
+        self.timers.push((self.now + after, event));
+    }
+}

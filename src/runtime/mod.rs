@@ -1,0 +1,1 @@
+//! The runtime layer: tokio and quinn drive the protocol state machine.
