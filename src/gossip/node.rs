@@ -55,6 +55,13 @@ pub enum Event {
     MemberDown(Member),
     /// This node was declared down by the others and rejoined under a new generation.
     Rejoined(Member),
+    /// A peer's write arrived for the first time through dissemination, after `hops` forwards.
+    WriteReceived {
+        /// The write.
+        dot: Dot,
+        /// How many members forwarded it before this one (0: straight from its writer).
+        hops: u16,
+    },
 }
 
 /// Why a message from a peer was dropped. Dropping never changes the node's state.
@@ -434,6 +441,7 @@ impl Node {
                 }
                 Ok(_) => {
                     self.stats.writes_received += 1;
+                    self.events.push_back(Event::WriteReceived { dot, hops });
                     self.missing.remove(&dot);
                     self.recent.insert(dot, delta.clone());
                     fresh.push(delta);
