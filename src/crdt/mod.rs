@@ -14,6 +14,7 @@ mod hlc;
 mod id;
 mod key;
 mod replica;
+mod token;
 mod value;
 mod version;
 
@@ -26,5 +27,6 @@ pub use hlc::{Hlc, HlcClock, MAX_HLC_MILLIS};
 pub use id::{Dot, NodeId};
 pub use key::{Key, MAX_KEY_LEN};
 pub use replica::{Applied, Collected, Replica, ReplicaConfig, SNAPSHOT_FORMAT};
+pub use token::{MAX_TOKEN_LEN, Token};
 pub use value::{Register, Sibling, Value};
 pub use version::{CausalContext, VersionVector};
