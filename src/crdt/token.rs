@@ -83,7 +83,7 @@ impl FromStr for Token {
         if text.len() > MAX_TOKEN_LEN {
             return Err(invalid("token too long"));
         }
-        if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid("a token is an even number of hex digits"));
         }
         let bytes: Vec<u8> = (0..text.len())

@@ -116,8 +116,10 @@ impl Member {
     }
 }
 
+/// SWIM tells identities of one member apart by address: a joiner knows only a seed's address,
+/// and SWIM accepts an announcement addressed to any identity with its own address.
 impl foca::Identity for Member {
-    type Addr = MemberName;
+    type Addr = SocketAddr;
 
     fn renew(&self) -> Option<Self> {
         Some(Member {
@@ -126,8 +128,8 @@ impl foca::Identity for Member {
         })
     }
 
-    fn addr(&self) -> MemberName {
-        self.name.clone()
+    fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {

@@ -860,3 +860,80 @@ impl foca::Runtime<Member> for SwimRuntime {
         self.timers.push((self.now + after, event));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gossip::simulated_member;
+
+    fn node(i: usize, now: Instant) -> Node {
+        let me = simulated_member(i);
+        Node::new(
+            me.clone(),
+            Replica::new(me.replica),
+            Config::lan(),
+            i as u64,
+            now,
+        )
+        .expect("valid")
+    }
+
+    /// Delivers every pending message between the nodes until none is left (or a round limit).
+    fn pump(nodes: &mut [Node], now: Instant) {
+        for _ in 0..50 {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                while let Some(transmit) = nodes[i].poll_transmit() {
+                    moved = true;
+                    let Some(to) = nodes.iter().position(|n| n.me().addr == transmit.to.addr)
+                    else {
+                        continue;
+                    };
+                    let from = nodes[i].me().clone();
+                    let result =
+                        nodes[to].handle_message(&from.name, from.addr, &transmit.payload, now);
+                    assert!(result.is_ok(), "{result:?}");
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_joins_through_a_seed_address() {
+        let now = Instant::now();
+        let mut nodes = vec![node(0, now), node(1, now), node(2, now)];
+        let seed = nodes[0].me().addr;
+        nodes[1].join(&[seed], now);
+        pump(&mut nodes, now);
+        nodes[2].join(&[seed], now);
+        pump(&mut nodes, now);
+        for node in &nodes[..2] {
+            assert!(
+                node.members().count() >= 1,
+                "{} knows nobody",
+                node.me().name
+            );
+        }
+        assert_eq!(nodes[0].members().count(), 2);
+    }
+
+    #[test]
+    fn a_membership_packet_claiming_another_sender_is_refused() {
+        let now = Instant::now();
+        let mut nodes = [node(0, now), node(1, now)];
+        let seed = nodes[0].me().addr;
+        nodes[1].join(&[seed], now);
+        let transmit = nodes[1].poll_transmit().expect("an announce");
+        let liar = simulated_member(7);
+        let result = nodes[0].handle_message(&liar.name, liar.addr, &transmit.payload, now);
+        assert!(
+            matches!(result, Err(ProtocolError::Impersonation { .. })),
+            "{result:?}"
+        );
+        assert_eq!(nodes[0].members().count(), 0);
+        assert_eq!(nodes[0].stats().rejected_messages, 1);
+    }
+}

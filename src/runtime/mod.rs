@@ -1,1 +1,15 @@
 //! The runtime layer: tokio and quinn drive the protocol state machine.
+
+mod handle;
+mod tls;
+mod transport;
+
+pub use handle::{
+    Handle, HandleError, NodeConfig, StartError, Status, WallClock, Watch, WatchError, start,
+    start_with,
+};
+pub use tls::{ClusterCa, NodeCredentials, TlsConfig, TlsError, validate_node_name};
+pub use transport::{
+    Channel, ConnectionInfo, Inbox, Received, Transport, TransportConfig, TransportError,
+    TransportStats,
+};

@@ -1,0 +1,740 @@
+//! The embedded node: a task that drives the gossip state machine over QUIC, and the cloneable
+//! [`Handle`] an orchestrator uses to read, write and watch the cluster state.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::crdt::{
+    self, Delta, Event as ChangeEvent, Key, NodeId, Replica, ReplicaConfig, Token, Value,
+    VersionVector,
+};
+use crate::gossip::{self, Member, MemberName, Node, Transmit};
+use crate::runtime::{Channel, TlsConfig, Transport, TransportConfig, TransportError};
+
+/// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
+const PEER_QUEUE: usize = 1024;
+/// Events a watcher may fall behind by before it is cut off with [`WatchError::Lagged`].
+const WATCH_QUEUE: usize = 4096;
+
+/// Where the node gets wall-clock time for its timestamps; injectable so tests can skew it.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Everything needed to start a node.
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// Where the QUIC endpoint listens.
+    pub bind: SocketAddr,
+    /// The address peers should use, when it differs from `bind` (e.g. `bind` is 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    /// Members to join through. Empty: start a new cluster.
+    pub seeds: Vec<SocketAddr>,
+    /// The cluster CA and this node's certificate; the node's name comes from the certificate.
+    pub tls: TlsConfig,
+    /// Protocol settings.
+    pub gossip: gossip::Config,
+    /// Transport settings.
+    pub transport: TransportConfig,
+    /// Replica limits.
+    pub replica: ReplicaConfig,
+    /// Seeds the protocol's random choices; `None` picks one from the clock.
+    pub rng_seed: Option<u64>,
+    /// Milliseconds since the Unix epoch, for write timestamps.
+    pub wall_clock: WallClock,
+}
+
+impl NodeConfig {
+    /// A LAN node listening on `bind` with the given credentials, joining through `seeds`.
+    pub fn new(bind: SocketAddr, tls: TlsConfig, seeds: Vec<SocketAddr>) -> Self {
+        NodeConfig {
+            bind,
+            advertise: None,
+            seeds,
+            tls,
+            gossip: gossip::Config::lan(),
+            transport: TransportConfig::default(),
+            replica: ReplicaConfig::default(),
+            rng_seed: None,
+            wall_clock: Arc::new(system_millis),
+        }
+    }
+}
+
+/// Why a [`Handle`] call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandleError {
+    /// The keyspace refused the operation (bad key, wrong type, too large, …); nothing changed.
+    #[error(transparent)]
+    Crdt(#[from] crdt::Error),
+    /// The node has shut down.
+    #[error("the node has shut down")]
+    Stopped,
+    /// The token was not covered within the wait.
+    #[error("timed out after {0:?} waiting for the replica to cover the token")]
+    Timeout(Duration),
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The certificate's name is not a valid member name.
+    #[error(transparent)]
+    Name(#[from] gossip::InvalidMemberName),
+    /// The protocol settings are inconsistent.
+    #[error(transparent)]
+    Config(#[from] gossip::ConfigError),
+    /// The endpoint could not be bound.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Why a watch ended.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// The cursor asked for is older than the change feed keeps.
+    #[error(
+        "events after cursor {requested} are no longer kept (oldest is {oldest}); re-read and watch from the current cursor"
+    )]
+    Compacted { requested: u64, oldest: u64 },
+    /// The watcher fell too far behind and was cut off; resume from the last cursor it saw.
+    #[error("the watcher fell more than {0} events behind; resume from its last cursor")]
+    Lagged(usize),
+}
+
+/// A node's view of itself and its peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Status {
+    /// This member.
+    pub me: Member,
+    /// Every write applied here: also a token covering everything this node has seen.
+    pub version: VersionVector,
+    /// The change feed's latest cursor.
+    pub cursor: u64,
+    /// Live peers and how many writes each is known to lack compared to this node (from its
+    /// last anti-entropy report; `None` before the first).
+    pub peers: Vec<(Member, Option<u64>)>,
+    /// Writes held back waiting for their causes.
+    pub held_back: usize,
+    /// Tombstones not yet collected.
+    pub tombstones: usize,
+    /// Protocol counters.
+    pub stats: gossip::Stats,
+}
+
+/// A stream of change events for keys under a prefix, in the order this node applied them.
+///
+/// Implements `futures_core::Stream`; [`Watch::next`] is the same without a combinator crate.
+pub struct Watch {
+    events: mpsc::Receiver<Result<ChangeEvent, WatchError>>,
+}
+
+impl Watch {
+    /// The next event, `None` when the node shut down.
+    pub async fn next(&mut self) -> Option<Result<ChangeEvent, WatchError>> {
+        self.events.recv().await
+    }
+}
+
+impl futures_core::Stream for Watch {
+    type Item = Result<ChangeEvent, WatchError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, HandleError>>;
+type WriteOp = Box<dyn FnOnce(&mut Replica, u64) -> Result<Option<Delta>, crdt::Error> + Send>;
+type ReadOp = Box<dyn FnOnce(&Replica) -> Result<ReadResult, crdt::Error> + Send>;
+
+enum ReadResult {
+    One(Option<Value>),
+    Many(Vec<(Key, Value)>),
+}
+
+enum Command {
+    Write(WriteOp, Reply<Option<Token>>),
+    Read(ReadOp, Reply<ReadResult>),
+    Wait(Token, Instant, Reply<()>),
+    Watch(Vec<u8>, Option<u64>, Reply<Watch>),
+    Status(Reply<Status>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A running node. Cheap to clone; every clone talks to the same node. The node stops when
+/// [`Handle::shutdown`] is called (or when every handle is dropped).
+#[derive(Clone)]
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+    name: MemberName,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Starts a node with an empty replica under a new incarnation id: binds its endpoint, joins
+/// through the seeds, and returns its handle. Needs a tokio runtime.
+pub async fn start(config: NodeConfig) -> Result<Handle, StartError> {
+    let replica = Replica::with_config(new_incarnation(&config.wall_clock), config.replica.clone());
+    start_with(config, replica).await
+}
+
+/// Like [`start`], from an existing replica (for instance one restored from disk).
+pub async fn start_with(config: NodeConfig, replica: Replica) -> Result<Handle, StartError> {
+    let name = MemberName::new(config.tls.node_name())?;
+    config.gossip.validate()?;
+    let (transport, inbox) =
+        Transport::bind(config.bind, config.tls.clone(), config.transport.clone()).await?;
+    let local = transport.local_addr()?;
+    let advertise = config.advertise.unwrap_or(local);
+    let me = Member::new(name.clone(), replica.node(), advertise);
+    let now = Instant::now().into_std();
+    let seed = config
+        .rng_seed
+        .unwrap_or_else(|| (config.wall_clock)() ^ u64::from(advertise.port()) << 48);
+    let mut node = Node::new(me, replica, config.gossip.clone(), seed, now)?;
+    node.join(&config.seeds, now);
+    info!(%name, %advertise, replica = %node.replica().node(), seeds = config.seeds.len(), "node started");
+    let (commands, receiver) = mpsc::channel(1024);
+    let driver = Driver {
+        node,
+        transport,
+        wall_clock: config.wall_clock.clone(),
+        peers: HashMap::new(),
+        watchers: Vec::new(),
+        waiters: Vec::new(),
+        cursor: 0,
+    };
+    tokio::spawn(driver.run(receiver, inbox));
+    Ok(Handle {
+        commands,
+        name,
+        addr: advertise,
+    })
+}
+
+impl Handle {
+    /// This node's name.
+    pub fn name(&self) -> &MemberName {
+        &self.name
+    }
+
+    /// The address peers reach this node at.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Writes `value` to the register at `key`. Returns a token that covers the write.
+    pub async fn put(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<Token, HandleError> {
+        let key = Key::new(key)?;
+        let value = value.into();
+        self.write(move |replica, now| replica.put(key, value, now).map(Some))
+            .await
+            .map(expect_token)
+    }
+
+    /// Deletes `key`; `None` when it held nothing.
+    pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<Option<Token>, HandleError> {
+        let key = Key::new(key)?;
+        self.write(move |replica, now| replica.delete(key, now))
+            .await
+    }
+
+    /// Adds `amount` to the counter at `key`.
+    pub async fn counter_add(
+        &self,
+        key: impl AsRef<[u8]>,
+        amount: i64,
+    ) -> Result<Token, HandleError> {
+        let key = Key::new(key)?;
+        self.write(move |replica, now| replica.counter_add(key, amount, now).map(Some))
+            .await
+            .map(expect_token)
+    }
+
+    /// Adds elements to the set at `key`.
+    pub async fn set_add(
+        &self,
+        key: impl AsRef<[u8]>,
+        elements: Vec<Vec<u8>>,
+    ) -> Result<Token, HandleError> {
+        let key = Key::new(key)?;
+        self.write(move |replica, now| replica.set_add(key, elements, now).map(Some))
+            .await
+            .map(expect_token)
+    }
+
+    /// Removes elements from the set at `key`; `None` when none was present.
+    pub async fn set_remove(
+        &self,
+        key: impl AsRef<[u8]>,
+        elements: Vec<Vec<u8>>,
+    ) -> Result<Option<Token>, HandleError> {
+        let key = Key::new(key)?;
+        self.write(move |replica, now| replica.set_remove(key, &elements, now))
+            .await
+    }
+
+    /// Applies a JSON merge patch (RFC 7396) to the document at `key`.
+    pub async fn document_patch(
+        &self,
+        key: impl AsRef<[u8]>,
+        patch: serde_json::Value,
+    ) -> Result<Token, HandleError> {
+        let key = Key::new(key)?;
+        self.write(move |replica, now| replica.document_patch(key, &patch, now).map(Some))
+            .await
+            .map(expect_token)
+    }
+
+    /// The value at `key`, as this node's replica holds it now.
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, HandleError> {
+        let key = Key::new(key)?;
+        match self
+            .read(Box::new(move |replica| {
+                replica.get(&key).map(ReadResult::One)
+            }))
+            .await?
+        {
+            ReadResult::One(value) => Ok(value),
+            ReadResult::Many(_) => unreachable_read(),
+        }
+    }
+
+    /// Up to `limit` keys under `prefix`, in key order.
+    pub async fn list(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Value)>, HandleError> {
+        let prefix = prefix.as_ref().to_vec();
+        match self
+            .read(Box::new(move |replica| {
+                replica.range(&prefix, limit).map(ReadResult::Many)
+            }))
+            .await?
+        {
+            ReadResult::Many(items) => Ok(items),
+            ReadResult::One(_) => unreachable_read(),
+        }
+    }
+
+    /// Waits until this node has applied everything `token` covers (e.g. a write made at another
+    /// node), so a following read sees it. [`HandleError::Timeout`] after `timeout`.
+    pub async fn wait_for(&self, token: &Token, timeout: Duration) -> Result<(), HandleError> {
+        let deadline = Instant::now() + timeout;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Wait(token.clone(), deadline, reply))
+            .await?;
+        answer
+            .await
+            .map_err(|_| HandleError::Stopped)?
+            .map_err(|err| match err {
+                HandleError::Timeout(_) => HandleError::Timeout(timeout),
+                other => other,
+            })
+    }
+
+    /// Change events for keys starting with `prefix`: those after cursor `from` first (when
+    /// given), then every new one as it is applied.
+    pub async fn watch(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        from: Option<u64>,
+    ) -> Result<Watch, HandleError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Watch(prefix.as_ref().to_vec(), from, reply))
+            .await?;
+        answer.await.map_err(|_| HandleError::Stopped)?
+    }
+
+    /// The live members other than this one.
+    pub async fn members(&self) -> Result<Vec<Member>, HandleError> {
+        Ok(self
+            .status()
+            .await?
+            .peers
+            .into_iter()
+            .map(|(member, _)| member)
+            .collect())
+    }
+
+    /// This node's status.
+    pub async fn status(&self) -> Result<Status, HandleError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Status(reply)).await?;
+        answer.await.map_err(|_| HandleError::Stopped)?
+    }
+
+    /// Leaves the cluster, delivers what is in flight, and stops the node.
+    pub async fn shutdown(&self) -> Result<(), HandleError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Shutdown(reply)).await?;
+        answer.await.map_err(|_| HandleError::Stopped)
+    }
+
+    async fn write(
+        &self,
+        op: impl FnOnce(&mut Replica, u64) -> Result<Option<Delta>, crdt::Error> + Send + 'static,
+    ) -> Result<Option<Token>, HandleError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Write(Box::new(op), reply)).await?;
+        answer.await.map_err(|_| HandleError::Stopped)?
+    }
+
+    async fn read(&self, op: ReadOp) -> Result<ReadResult, HandleError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Read(op, reply)).await?;
+        answer.await.map_err(|_| HandleError::Stopped)?
+    }
+
+    async fn send(&self, command: Command) -> Result<(), HandleError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| HandleError::Stopped)
+    }
+}
+
+fn expect_token(token: Option<Token>) -> Token {
+    token.expect("these writes always produce a delta")
+}
+
+fn unreachable_read() -> ! {
+    unreachable!("each read op returns the shape its caller asked for")
+}
+
+/// The task that owns the node.
+struct Driver {
+    node: Node,
+    transport: Transport,
+    wall_clock: WallClock,
+    /// A sending task per peer address, so one slow peer never delays the others.
+    peers: HashMap<SocketAddr, mpsc::Sender<Transmit>>,
+    watchers: Vec<Watcher>,
+    waiters: Vec<(Token, Instant, Reply<()>)>,
+    /// The change feed cursor up to which watchers have been served.
+    cursor: u64,
+}
+
+struct Watcher {
+    prefix: Vec<u8>,
+    events: mpsc::Sender<Result<ChangeEvent, WatchError>>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut inbox: crate::runtime::Inbox,
+    ) {
+        self.cursor = self.node.replica().cursor();
+        let shutdown = loop {
+            self.flush();
+            let wake = self.next_wake();
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Shutdown(done)) => break Some(done),
+                    Some(command) => self.on_command(command),
+                    None => break None,
+                },
+                received = inbox.recv() => match received {
+                    Some(received) => self.on_received(received),
+                    None => break None,
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    self.node.handle_timeout(Instant::now().into_std());
+                    self.expire_waiters();
+                }
+            }
+        };
+        self.leave().await;
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let protocol = self.node.poll_timeout().map(Instant::from_std);
+        let waiter = self.waiters.iter().map(|(_, deadline, _)| *deadline).min();
+        let idle = Instant::now() + Duration::from_secs(3600);
+        [protocol, waiter]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(idle)
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let now = Instant::now().into_std();
+        match command {
+            Command::Write(op, reply) => {
+                let wall = (self.wall_clock)();
+                let result = self.node.write(now, |replica| op(replica, wall));
+                let result = result
+                    .map(|dot| dot.map(Token::from_dot))
+                    .map_err(HandleError::from);
+                let _ = reply.send(result);
+            }
+            Command::Read(op, reply) => {
+                let _ = reply.send(op(self.node.replica()).map_err(HandleError::from));
+            }
+            Command::Wait(token, deadline, reply) => {
+                if token.is_covered_by(self.node.replica().version()) {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    self.waiters.push((token, deadline, reply));
+                }
+            }
+            Command::Watch(prefix, from, reply) => {
+                let _ = reply.send(Ok(self.add_watcher(prefix, from)));
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(Ok(self.status()));
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    fn on_received(&mut self, received: crate::runtime::Received) {
+        let Ok(from) = MemberName::new(received.from.clone()) else {
+            warn!(peer = %received.from, "message from a peer whose certificate name is not a valid member name");
+            return;
+        };
+        let now = Instant::now().into_std();
+        if let Err(err) = self
+            .node
+            .handle_message(&from, received.addr, &received.bytes, now)
+        {
+            debug!(peer = %from, error = %err, "message dropped");
+        }
+    }
+
+    /// Sends what the node produced, serves watchers and waiters, and logs membership changes.
+    fn flush(&mut self) {
+        while let Some(transmit) = self.node.poll_transmit() {
+            self.dispatch(transmit);
+        }
+        while let Some(event) = self.node.poll_event() {
+            match event {
+                gossip::Event::MemberUp(member) => {
+                    info!(member = %member.name, addr = %member.addr, "member up")
+                }
+                gossip::Event::MemberDown(member) => warn!(member = %member.name, "member down"),
+                gossip::Event::Rejoined(me) => warn!(
+                    generation = me.generation,
+                    "declared down by peers; rejoined"
+                ),
+                _ => {}
+            }
+        }
+        if self.node.replica().cursor() != self.cursor {
+            self.serve_watchers();
+            self.serve_waiters();
+        }
+    }
+
+    fn dispatch(&mut self, transmit: Transmit) {
+        let addr = transmit.to.addr;
+        let queue = self.peers.entry(addr).or_insert_with(|| {
+            let (sender, receiver) = mpsc::channel(PEER_QUEUE);
+            tokio::spawn(send_loop(self.transport.clone(), receiver));
+            sender
+        });
+        if queue.try_send(transmit).is_err() {
+            debug!(%addr, "peer queue full; message dropped (anti-entropy will repair)");
+        }
+    }
+
+    fn add_watcher(&mut self, prefix: Vec<u8>, from: Option<u64>) -> Watch {
+        let (events, receiver) = mpsc::channel(WATCH_QUEUE);
+        if let Some(from) = from {
+            match self.node.replica().events_since(from) {
+                Ok(backlog) => {
+                    for event in backlog.filter(|event| {
+                        event.cursor <= self.cursor && event.key.as_bytes().starts_with(&prefix)
+                    }) {
+                        if events.try_send(Ok(event.clone())).is_err() {
+                            let _ = events.try_send(Err(WatchError::Lagged(WATCH_QUEUE)));
+                            return Watch { events: receiver };
+                        }
+                    }
+                }
+                Err(crdt::Error::Compacted { requested, oldest }) => {
+                    let _ = events.try_send(Err(WatchError::Compacted { requested, oldest }));
+                    return Watch { events: receiver };
+                }
+                Err(_) => {}
+            }
+        }
+        self.watchers.push(Watcher { prefix, events });
+        Watch { events: receiver }
+    }
+
+    fn serve_watchers(&mut self) {
+        let replica = self.node.replica();
+        let fresh: Vec<ChangeEvent> = match replica.events_since(self.cursor) {
+            Ok(events) => events.cloned().collect(),
+            // More changes than the feed holds arrived at once: every watcher lost some.
+            Err(_) => {
+                for watcher in self.watchers.drain(..) {
+                    let _ = watcher
+                        .events
+                        .try_send(Err(WatchError::Lagged(WATCH_QUEUE)));
+                }
+                self.cursor = replica.cursor();
+                return;
+            }
+        };
+        self.cursor = replica.cursor();
+        self.watchers.retain(|watcher| {
+            for event in fresh
+                .iter()
+                .filter(|event| event.key.as_bytes().starts_with(&watcher.prefix))
+            {
+                match watcher.events.try_send(Ok(event.clone())) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        // Cut off rather than block the node; the watcher resumes from its cursor.
+                        let events = watcher.events.clone();
+                        tokio::spawn(async move {
+                            let _ = events.send(Err(WatchError::Lagged(WATCH_QUEUE))).await;
+                        });
+                        return false;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            !watcher.events.is_closed()
+        });
+    }
+
+    fn serve_waiters(&mut self) {
+        let version = self.node.replica().version().clone();
+        let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .waiters
+            .drain(..)
+            .partition(|(token, _, _)| token.is_covered_by(&version));
+        self.waiters = waiting;
+        for (_, _, reply) in ready {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    fn expire_waiters(&mut self) {
+        let now = Instant::now();
+        let (expired, waiting): (Vec<_>, Vec<_>) = self
+            .waiters
+            .drain(..)
+            .partition(|(_, deadline, _)| *deadline <= now);
+        self.waiters = waiting;
+        for (_, _, reply) in expired {
+            let _ = reply.send(Err(HandleError::Timeout(Duration::ZERO)));
+        }
+    }
+
+    fn status(&self) -> Status {
+        let replica = self.node.replica();
+        let version = replica.version();
+        let reports = self.node.reports();
+        let peers = self
+            .node
+            .members()
+            .map(|member| {
+                let lag = reports.get(&member.name).map(|report| lag(version, report));
+                (member.clone(), lag)
+            })
+            .collect();
+        Status {
+            me: self.node.me().clone(),
+            version: version.clone(),
+            cursor: replica.cursor(),
+            peers,
+            held_back: replica.held_back(),
+            tombstones: replica.tombstones(),
+            stats: self.node.stats().clone(),
+        }
+    }
+
+    async fn leave(mut self) {
+        self.node.leave(Instant::now().into_std());
+        while let Some(transmit) = self.node.poll_transmit() {
+            self.dispatch(transmit);
+        }
+        // Closing the queues lets each sending task finish what it holds, then the transport
+        // drains its connections.
+        let peers = std::mem::take(&mut self.peers);
+        drop(peers);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for watcher in self.watchers.drain(..) {
+            drop(watcher);
+        }
+        self.transport.shutdown().await;
+        info!("node stopped");
+    }
+}
+
+async fn send_loop(transport: Transport, mut queue: mpsc::Receiver<Transmit>) {
+    while let Some(transmit) = queue.recv().await {
+        let channel = match transmit.channel {
+            gossip::Channel::Datagram => Channel::Datagram,
+            _ => Channel::Stream,
+        };
+        let expect = transmit.to.name.as_ref().map(MemberName::as_str);
+        if let Err(err) = transport
+            .send(transmit.to.addr, expect, channel, transmit.payload)
+            .await
+        {
+            debug!(addr = %transmit.to.addr, error = %err, "send failed");
+        }
+    }
+}
+
+/// How many writes `report` lacks compared to `version`.
+fn lag(version: &VersionVector, report: &VersionVector) -> u64 {
+    version
+        .iter()
+        .map(|(node, seq)| seq.saturating_sub(report.get(node)))
+        .sum()
+}
+
+fn system_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// A replica id for a new incarnation: milliseconds in the high bits, so a later incarnation of
+/// a member compares greater than an earlier one, and random-ish low bits against collisions.
+fn new_incarnation(clock: &WallClock) -> NodeId {
+    let millis = clock();
+    let noise = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(millis);
+        hasher.finish() & 0xf_ffff
+    };
+    NodeId((millis << 20) | noise)
+}
