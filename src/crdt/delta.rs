@@ -47,11 +47,17 @@ pub struct Delta {
     pub(crate) entries: Vec<(Key, Vec<Item>)>,
 }
 
+/// The longest run of dots one write may use (one per set element it adds).
+pub const MAX_WRITE_SPAN: u64 = 65_536;
+
 /// What a write delta must wait for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct WriteHeader {
-    /// The write's own dot; the writer's previous write is an implicit dependency.
+    /// The write's first dot; the writer's previous write is an implicit dependency.
     pub(crate) dot: Dot,
+    /// How many consecutive dots the write uses, from `dot` on: one per item it creates, so that
+    /// a later write can remove one element of a multi-element set add and keep the others.
+    pub(crate) span: u64,
     /// Writes of other nodes the writer had applied since its previous write: the receiver must
     /// cover each before applying this one. Listing only these keeps the header small in a large
     /// cluster; earlier dependencies were carried by the writer's earlier deltas.
@@ -59,7 +65,8 @@ pub(crate) struct WriteHeader {
 }
 
 impl Delta {
-    /// The write's dot, for a write delta.
+    /// The write's (first) dot, for a write delta: it names the write. A replica that covers it
+    /// has applied the whole write, since writes apply atomically.
     pub fn dot(&self) -> Option<Dot> {
         self.write.as_ref().map(|header| header.dot)
     }
@@ -119,15 +126,25 @@ impl Delta {
             if self.full || self.entries.len() != 1 {
                 return Err(invalid("a write delta carries exactly one key".into()));
             }
-            if header.dot.seq == 0 || !self.context.contains(header.dot) {
+            let first = header.dot;
+            if first.seq == 0 || header.span == 0 || header.span > MAX_WRITE_SPAN {
                 return Err(invalid(
-                    "a write delta's context must contain its dot".into(),
+                    "a write delta needs a dot and a span of 1 to 65,536".into(),
+                ));
+            }
+            let Some(last) = first.seq.checked_add(header.span - 1) else {
+                return Err(invalid("a write delta's span overflows".into()));
+            };
+            let own = |dot: Dot| dot.node == first.node && (first.seq..=last).contains(&dot.seq);
+            if !(first.seq..=last).all(|seq| self.context.contains(Dot::new(first.node, seq))) {
+                return Err(invalid(
+                    "a write delta's context must contain its dots".into(),
                 ));
             }
             let (_, items) = &self.entries[0];
-            if items.iter().any(|item| item.dot != header.dot) {
+            if items.iter().any(|item| !own(item.dot)) {
                 return Err(invalid(
-                    "a write delta only carries items of its own dot".into(),
+                    "a write delta only carries items of its own dots".into(),
                 ));
             }
         } else if self.context.cloud().next().is_some() {

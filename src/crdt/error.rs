@@ -27,6 +27,9 @@ pub enum Error {
         expected: crate::crdt::Kind,
         found: Kind,
     },
+    /// The write would change nothing (for instance, a set add without elements).
+    #[error("nothing to write")]
+    NothingToWrite,
     /// A delta arrived before its causes and the hold-back buffer is full; anti-entropy will
     /// deliver it again once its causes have arrived.
     #[error("the causal hold-back buffer is full ({deltas} deltas, {bytes} bytes)")]

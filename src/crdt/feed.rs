@@ -47,7 +47,7 @@ impl Feed {
     }
 
     pub(crate) fn push(&mut self, key: Key, change: Change) {
-        self.last += 1;
+        self.last = self.last.saturating_add(1);
         if self.capacity == 0 {
             return;
         }
@@ -70,14 +70,15 @@ impl Feed {
         let oldest = self
             .events
             .front()
-            .map_or(self.last + 1, |event| event.cursor);
-        if after + 1 < oldest && after < self.last {
+            .map_or(self.last.saturating_add(1), |event| event.cursor);
+        if after.saturating_add(1) < oldest && after < self.last {
             return Err(Error::Compacted {
                 requested: after,
                 oldest,
             });
         }
-        let skip = (after + 1).saturating_sub(oldest) as usize;
+        let skip =
+            usize::try_from(after.saturating_add(1).saturating_sub(oldest)).unwrap_or(usize::MAX);
         Ok(self.events.iter().skip(skip))
     }
 }

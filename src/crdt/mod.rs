@@ -18,7 +18,7 @@ mod token;
 mod value;
 mod version;
 
-pub use delta::{DELTA_FORMAT, Delta, MAX_DOCUMENT_LEN, MAX_VALUE_LEN};
+pub use delta::{DELTA_FORMAT, Delta, MAX_DOCUMENT_LEN, MAX_VALUE_LEN, MAX_WRITE_SPAN};
 pub use document::{DocumentError, MAX_DEPTH as MAX_DOCUMENT_DEPTH};
 pub use entry::Kind;
 pub use error::Error;

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crdt::delta::{MAX_DOCUMENT_LEN, MAX_VALUE_LEN, WriteHeader, validate_items};
+use crate::crdt::delta::{
+    MAX_DOCUMENT_LEN, MAX_VALUE_LEN, MAX_WRITE_SPAN, WriteHeader, validate_items,
+};
 use crate::crdt::entry::{Body, Entry, Item};
 use crate::crdt::feed::Feed;
 use crate::crdt::value::{document_versions, read};
@@ -15,6 +17,10 @@ use crate::crdt::{
 
 /// The format version of a replica snapshot.
 pub const SNAPSHOT_FORMAT: u8 = 1;
+
+/// The largest change-feed cursor a snapshot may carry: far beyond any real count of events, and
+/// far enough below `u64::MAX` that cursors never wrap.
+const MAX_FEED_CURSOR: u64 = 1 << 62;
 
 /// Limits of a replica; [`ReplicaConfig::default`] suits most nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -308,6 +314,14 @@ impl Replica {
         elements: Vec<Vec<u8>>,
         now_millis: u64,
     ) -> Result<Delta, Error> {
+        if elements.is_empty() {
+            return Err(Error::NothingToWrite);
+        }
+        check_len(
+            "set add (elements)",
+            elements.len(),
+            MAX_WRITE_SPAN as usize,
+        )?;
         for element in &elements {
             check_len("set element", element.len(), MAX_VALUE_LEN)?;
         }
@@ -398,14 +412,26 @@ impl Replica {
         }
         let dot = Dot::new(self.node, self.version.get(self.node) + 1);
         let (bodies, observed) = build(entry, dot)?;
+        if bodies.is_empty() {
+            return Err(Error::NothingToWrite);
+        }
         let time = self.clock.tick(now_millis).packed();
+        // Every item gets a dot of its own, so each can be removed on its own later.
         let mut items: Vec<Item> = bodies
             .into_iter()
-            .map(|body| Item { dot, time, body })
+            .zip(dot.seq..)
+            .map(|(body, seq)| Item {
+                dot: Dot::new(self.node, seq),
+                time,
+                body,
+            })
             .collect();
         items.sort_by(Item::identity_cmp);
+        let span = items.len() as u64;
         let mut context = CausalContext::new();
-        context.insert(dot);
+        for item in &items {
+            context.insert(item.dot);
+        }
         for seen in observed {
             context.insert(seen);
         }
@@ -415,7 +441,7 @@ impl Replica {
             .map(|(node, seq)| Dot::new(node, seq))
             .collect();
         let delta = Delta {
-            write: Some(WriteHeader { dot, deps }),
+            write: Some(WriteHeader { dot, span, deps }),
             context,
             full: false,
             collected: VersionVector::new(),
@@ -470,13 +496,15 @@ impl Replica {
             return true;
         };
         let dot = header.dot;
-        let caused_by = |seen: Dot| seen == dot || self.version.contains(seen);
+        let last = dot.seq + (header.span - 1);
+        let own = |seen: Dot| seen.node == dot.node && (dot.seq..=last).contains(&seen.seq);
+        let caused_by = |seen: Dot| own(seen) || self.version.contains(seen);
         self.version.get(dot.node) + 1 == dot.seq
             && header.deps.iter().all(|&dep| self.version.contains(dep))
             && delta.context.cloud().all(caused_by)
             && delta.context.vector().iter().all(|(node, seq)| {
                 let limit = if node == dot.node {
-                    dot.seq
+                    last
                 } else {
                     self.version.get(node)
                 };
@@ -486,9 +514,12 @@ impl Replica {
 
     /// Merges a ready write delta (a local one or a peer's).
     fn merge_write(&mut self, delta: &Delta) {
-        let dot = delta
-            .dot()
+        let header = delta
+            .write
+            .as_ref()
             .expect("merge_write is only called with write deltas");
+        // The write's last dot: raising the vector to it covers the whole write.
+        let dot = Dot::new(header.dot.node, header.dot.seq + (header.span - 1));
         for (key, items) in &delta.entries {
             self.merge_entry(key, items, &delta.context);
             for item in items {
@@ -669,6 +700,12 @@ impl Replica {
             what: "snapshot",
             reason,
         };
+        if body.feed_cursor > MAX_FEED_CURSOR {
+            return Err(invalid(format!(
+                "feed cursor {} out of range",
+                body.feed_cursor
+            )));
+        }
         if !body.version.dominates(&body.collected) {
             return Err(invalid("collected beyond the version vector".into()));
         }
