@@ -17,7 +17,7 @@ use crate::crdt::{
     VersionVector,
 };
 use crate::gossip::{self, Member, MemberName, Node, Transmit};
-use crate::runtime::{Channel, TlsConfig, Transport, TransportConfig, TransportError};
+use crate::runtime::{Channel, Inbox, TlsConfig, Transport, TransportConfig, TransportError};
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
 const PEER_QUEUE: usize = 1024;
@@ -199,17 +199,28 @@ pub async fn start(config: NodeConfig) -> Result<Handle, StartError> {
 
 /// Like [`start`], from an existing replica (for instance one restored from disk).
 pub async fn start_with(config: NodeConfig, replica: Replica) -> Result<Handle, StartError> {
-    let name = MemberName::new(config.tls.node_name())?;
-    config.gossip.validate()?;
     let (transport, inbox) =
         Transport::bind(config.bind, config.tls.clone(), config.transport.clone()).await?;
+    start_on(config, transport, inbox, replica)
+}
+
+/// Like [`start_with`], over a transport the caller bound (for instance over a simulated socket
+/// with [`Transport::bind_with_socket`]); `config.bind` and `config.transport` are not used.
+pub fn start_on(
+    config: NodeConfig,
+    transport: Transport,
+    inbox: Inbox,
+    replica: Replica,
+) -> Result<Handle, StartError> {
+    let name = MemberName::new(transport.node_name())?;
+    config.gossip.validate()?;
     let local = transport.local_addr()?;
     let advertise = config.advertise.unwrap_or(local);
     let me = Member::new(name.clone(), replica.node(), advertise);
     let now = Instant::now().into_std();
     let seed = config
         .rng_seed
-        .unwrap_or_else(|| (config.wall_clock)() ^ u64::from(advertise.port()) << 48);
+        .unwrap_or_else(|| (config.wall_clock)() ^ (u64::from(advertise.port()) << 48));
     let mut node = Node::new(me, replica, config.gossip.clone(), seed, now)?;
     node.join(&config.seeds, now);
     info!(%name, %advertise, replica = %node.replica().node(), seeds = config.seeds.len(), "node started");

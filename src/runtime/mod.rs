@@ -6,7 +6,7 @@ mod transport;
 
 pub use handle::{
     Handle, HandleError, NodeConfig, StartError, Status, WallClock, Watch, WatchError, start,
-    start_with,
+    start_on, start_with,
 };
 pub use tls::{ClusterCa, NodeCredentials, TlsConfig, TlsError, validate_node_name};
 pub use transport::{
