@@ -155,3 +155,45 @@ fn tombstones_are_collected_once_every_member_has_seen_them() {
     );
     assert!(sim.nodes().iter().all(|n| n.replica().is_empty()));
 }
+
+#[test]
+fn a_large_catch_up_travels_in_pieces_and_applies_whole() {
+    let config = Config {
+        sync_chunk_bytes: 1024,
+        max_message_bytes: 64 * 1024,
+        ..Config::lan()
+    };
+    let mut sim = Simulation::new(4, config, NetworkModel::default(), 6, Instant::now());
+    sim.run_for(Duration::from_secs(1));
+    sim.crash(3);
+    for i in 0..200u64 {
+        let name = format!("big/{i:04}");
+        sim.write((i % 3) as usize, |r| {
+            r.put(key(&name), vec![7; 100], 3_000 + i).map(Some)
+        })
+        .expect("write");
+    }
+    sim.run_for(Duration::from_secs(1));
+    sim.restart(3);
+    let deadline = sim.now() + Duration::from_secs(30);
+    assert!(
+        sim.run_until(deadline, converged),
+        "the restarted node never caught up"
+    );
+    assert_eq!(sim.node(3).replica().len(), 200);
+    let pieces: u64 = sim
+        .nodes()
+        .iter()
+        .map(|node| {
+            node.stats()
+                .bytes_sent_by_kind
+                .get("sync-chunk")
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(
+        pieces > 20 * 1024,
+        "the catch-up should travel in pieces, sent {pieces} bytes of them"
+    );
+}

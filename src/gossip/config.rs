@@ -27,6 +27,10 @@ pub struct Config {
     pub recent_writes: usize,
     /// The largest message accepted from a peer, in bytes.
     pub max_message_bytes: usize,
+    /// Sync deltas larger than this travel in pieces of this size.
+    pub sync_chunk_bytes: usize,
+    /// The largest sync delta (such as a full state for a new member) accepted in pieces.
+    pub max_sync_bytes: usize,
     /// The largest SWIM packet; must fit a QUIC datagram.
     pub max_swim_packet: usize,
     /// SWIM settings are derived from memberlist's LAN defaults (`true`) or WAN defaults.
@@ -56,6 +60,8 @@ impl Config {
             gc_interval: Duration::from_secs(10),
             recent_writes: 16_384,
             max_message_bytes: 64 * 1024 * 1024,
+            sync_chunk_bytes: 1024 * 1024,
+            max_sync_bytes: 1024 * 1024 * 1024,
             max_swim_packet: 1_100,
             lan: true,
         }
@@ -93,6 +99,15 @@ impl Config {
         }
         if self.max_message_bytes < 64 * 1024 {
             return fail("max_message_bytes", "must be at least 64 KiB");
+        }
+        if self.sync_chunk_bytes < 1024 || self.sync_chunk_bytes > self.max_message_bytes / 2 {
+            return fail(
+                "sync_chunk_bytes",
+                "must be between 1 KiB and half of max_message_bytes",
+            );
+        }
+        if self.max_sync_bytes < self.sync_chunk_bytes {
+            return fail("max_sync_bytes", "must be at least sync_chunk_bytes");
         }
         Ok(())
     }

@@ -33,6 +33,15 @@ pub(crate) enum Message {
     SyncRequest { version: VersionVector, reply: bool },
     /// What the receiver lacked: a sync delta, or the full state when it fell too far behind.
     Sync(Delta),
+    /// One piece of an encoded sync delta too large for one message. The receiver applies the
+    /// delta once it holds all `count` pieces of `transfer`, so readers never see half of it.
+    SyncChunk {
+        transfer: u64,
+        index: u32,
+        count: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 impl Message {
@@ -60,6 +69,9 @@ impl Message {
                 return Err(invalid("too many dots"));
             }
             Message::Sync(delta) => delta.validate()?,
+            Message::SyncChunk { index, count, .. } if index >= count => {
+                return Err(invalid("chunk index beyond its count"));
+            }
             _ => {}
         }
         Ok(message)
@@ -77,6 +89,7 @@ impl Message {
             Message::InSync { .. } => "in-sync",
             Message::SyncRequest { .. } => "sync-request",
             Message::Sync(_) => "sync",
+            Message::SyncChunk { .. } => "sync-chunk",
         }
     }
 }

@@ -157,6 +157,10 @@ pub struct Node {
     missing: BTreeMap<Dot, Missing>,
     /// The last version vector each member was known to have, for causal stability.
     reports: BTreeMap<MemberName, VersionVector>,
+    /// Sync deltas arriving in pieces, by sender.
+    transfers: BTreeMap<MemberName, Transfer>,
+    /// Numbers this node's outgoing transfers.
+    transfer_seq: u64,
     /// The digest this node last opened anti-entropy with: (peer, hash, vector).
     last_digest: Option<(MemberName, u64, VersionVector)>,
     tasks: BTreeMap<(Instant, u64), Task>,
@@ -167,6 +171,15 @@ pub struct Node {
     outbox: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
+}
+
+/// A sync delta being received in pieces.
+#[derive(Debug)]
+struct Transfer {
+    id: u64,
+    pieces: Vec<Option<Vec<u8>>>,
+    bytes: usize,
+    started: Instant,
 }
 
 #[derive(Clone, Debug)]
@@ -206,6 +219,8 @@ impl Node {
             announcements: BTreeMap::new(),
             missing: BTreeMap::new(),
             reports: BTreeMap::new(),
+            transfers: BTreeMap::new(),
+            transfer_seq: 0,
             last_digest: None,
             tasks: BTreeMap::new(),
             now,
@@ -320,6 +335,14 @@ impl Node {
         self.now = self.now.max(now);
         self.stats.messages_received += 1;
         self.stats.bytes_received += bytes.len() as u64;
+        if bytes.len() > self.config.max_message_bytes {
+            self.stats.rejected_messages += 1;
+            return Err(ProtocolError::Malformed(crdt::Error::TooLarge {
+                what: "message",
+                len: bytes.len(),
+                max: self.config.max_message_bytes,
+            }));
+        }
         let message = Message::decode(bytes).map_err(|err| {
             self.stats.rejected_messages += 1;
             ProtocolError::Malformed(err)
@@ -359,6 +382,12 @@ impl Node {
                 self.on_sync_request(from, version, reply);
                 Ok(())
             }
+            Message::SyncChunk {
+                transfer,
+                index,
+                count,
+                bytes,
+            } => self.on_sync_chunk(from, transfer, index, count, bytes, now),
             Message::Sync(delta) => self
                 .replica
                 .apply(delta)
@@ -616,7 +645,7 @@ impl Node {
         self.stats.anti_entropy_repairs += u64::from(reply);
         let delta = self.replica.delta_since(&theirs);
         if !delta.is_empty() {
-            self.send(from, &Message::Sync(delta));
+            self.send_sync(from, delta);
         }
         let they_have_more = !self.replica.version().dominates(&theirs);
         self.reports.insert(from.clone(), theirs);
@@ -630,6 +659,93 @@ impl Node {
                 },
             );
         }
+    }
+
+    /// Sends a sync delta, in pieces when it is larger than one message should be.
+    fn send_sync(&mut self, to: &MemberName, delta: Delta) {
+        let bytes = delta.encode();
+        if bytes.len() <= self.config.sync_chunk_bytes {
+            self.send(to, &Message::Sync(delta));
+            return;
+        }
+        self.transfer_seq += 1;
+        let pieces = bytes.chunks(self.config.sync_chunk_bytes);
+        let count = u32::try_from(pieces.len()).unwrap_or(u32::MAX);
+        for (index, piece) in pieces.enumerate() {
+            let message = Message::SyncChunk {
+                transfer: self.transfer_seq,
+                index: index as u32,
+                count,
+                bytes: piece.to_vec(),
+            };
+            self.send(to, &message);
+        }
+    }
+
+    /// Stores one piece of a sync delta; applies the delta when the last piece is in. A sender
+    /// starting a new transfer abandons its previous one.
+    fn on_sync_chunk(
+        &mut self,
+        from: &MemberName,
+        id: u64,
+        index: u32,
+        count: u32,
+        piece: Vec<u8>,
+        now: Instant,
+    ) -> Result<(), ProtocolError> {
+        let too_large = |len| {
+            ProtocolError::Malformed(crdt::Error::TooLarge {
+                what: "sync transfer",
+                len,
+                max: self.config.max_sync_bytes,
+            })
+        };
+        let most_pieces = self.config.max_sync_bytes / self.config.sync_chunk_bytes.max(1) + 1;
+        if count as usize > most_pieces {
+            self.stats.rejected_messages += 1;
+            return Err(too_large(count as usize * self.config.sync_chunk_bytes));
+        }
+        let transfer = self
+            .transfers
+            .entry(from.clone())
+            .or_insert_with(|| Transfer {
+                id,
+                pieces: vec![None; count as usize],
+                bytes: 0,
+                started: now,
+            });
+        if transfer.id != id || transfer.pieces.len() != count as usize {
+            *transfer = Transfer {
+                id,
+                pieces: vec![None; count as usize],
+                bytes: 0,
+                started: now,
+            };
+        }
+        let slot = &mut transfer.pieces[index as usize];
+        if slot.is_none() {
+            transfer.bytes += piece.len();
+            *slot = Some(piece);
+        }
+        if transfer.bytes > self.config.max_sync_bytes {
+            let len = transfer.bytes;
+            self.transfers.remove(from);
+            self.stats.rejected_messages += 1;
+            return Err(too_large(len));
+        }
+        if transfer.pieces.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        let transfer = self.transfers.remove(from).expect("present: just updated");
+        let bytes: Vec<u8> = transfer.pieces.into_iter().flatten().flatten().collect();
+        let delta = Delta::decode(&bytes).map_err(|err| {
+            self.stats.rejected_messages += 1;
+            ProtocolError::Malformed(err)
+        })?;
+        self.replica
+            .apply(delta)
+            .map(drop)
+            .map_err(ProtocolError::Apply)
     }
 
     /// Collects tombstones every live member has seen. A member without a report blocks
@@ -785,6 +901,11 @@ impl Node {
             }
             Task::CollectGarbage => {
                 self.collect_garbage();
+                // A transfer whose sender went quiet is abandoned; anti-entropy starts over.
+                let horizon = self.config.gc_interval * 6;
+                self.transfers.retain(|_, transfer| {
+                    now.saturating_duration_since(transfer.started) < horizon
+                });
                 self.schedule(now + self.config.gc_interval, Task::CollectGarbage);
             }
         }
