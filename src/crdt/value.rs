@@ -54,6 +54,16 @@ pub struct Sibling {
 
 /// Reads an entry; `None` when the key holds nothing (absent or deleted).
 pub(crate) fn read(entry: &Entry) -> Result<Option<Value>, Error> {
+    // The common case, one register value and no siblings, needs no ranking.
+    if let [item] = &entry.items[..]
+        && let Body::Register(value) = &item.body
+    {
+        return Ok(Some(Value::Register(Register {
+            value: value.to_vec(),
+            written_at: item.hlc(),
+            siblings: Vec::new(),
+        })));
+    }
     let Some(kind) = entry.kind() else {
         return Ok(None);
     };
