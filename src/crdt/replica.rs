@@ -405,16 +405,26 @@ impl Replica {
         now_millis: u64,
         build: impl FnOnce(&Entry, Dot) -> Result<(Vec<Body>, Vec<Dot>), Error>,
     ) -> Result<Delta, Error> {
-        let empty = Entry::default();
-        let entry = self.entries.get(&key).unwrap_or(&empty);
-        if let Some(kind) = kind {
-            check_kind(&key, entry, kind)?;
-        }
+        // One lookup serves the whole write: build, merge and change event.
+        let entry = self.entries.entry(key.clone()).or_default();
         let dot = Dot::new(self.node, self.version.get(self.node) + 1);
-        let (bodies, observed) = build(entry, dot)?;
-        if bodies.is_empty() {
-            return Err(Error::NothingToWrite);
-        }
+        let built = match kind {
+            Some(kind) => check_kind(&key, entry, kind).and_then(|()| build(entry, dot)),
+            None => build(entry, dot),
+        };
+        let built = match built {
+            Ok((bodies, _)) if bodies.is_empty() => Err(Error::NothingToWrite),
+            other => other,
+        };
+        let (bodies, observed) = match built {
+            Ok(built) => built,
+            Err(err) => {
+                if entry.is_empty() {
+                    self.entries.remove(&key);
+                }
+                return Err(err);
+            }
+        };
         let time = self.clock.tick(now_millis).packed();
         // Every item gets a dot of its own, so each can be removed on its own later.
         let mut items: Vec<Item> = bodies
@@ -435,20 +445,28 @@ impl Replica {
         for seen in observed {
             context.insert(seen);
         }
+        let was_live = entry.kind().is_some();
+        entry.merge(&self.version, &items, &context);
+        let change = change_of(entry, was_live);
+        if entry.is_empty() {
+            self.entries.remove(&key);
+        }
+        if let Some(change) = change {
+            self.feed.push(key.clone(), change);
+        }
+        self.version.raise(self.node, dot.seq + (span - 1));
         let deps = std::mem::take(&mut self.pending_deps)
             .iter()
             .filter(|&(node, _)| node != self.node)
             .map(|(node, seq)| Dot::new(node, seq))
             .collect();
-        let delta = Delta {
+        Ok(Delta {
             write: Some(WriteHeader { dot, span, deps }),
             context,
             full: false,
             collected: VersionVector::new(),
             entries: vec![(key, items)],
-        };
-        self.merge_write(&delta);
-        Ok(delta)
+        })
     }
 
     // ---- remote deltas ----
@@ -512,7 +530,7 @@ impl Replica {
             })
     }
 
-    /// Merges a ready write delta (a local one or a peer's).
+    /// Merges a peer's ready write delta.
     fn merge_write(&mut self, delta: &Delta) {
         let header = delta
             .write
@@ -571,13 +589,7 @@ impl Replica {
             }
             return;
         }
-        let change = match read(entry) {
-            Ok(Some(value)) => Some(Change::Put(value)),
-            Ok(None) => was_live.then_some(Change::Delete),
-            // A document whose versions cannot be merged still changed; watchers read it and get
-            // the error themselves. Validation on decode makes this unreachable in practice.
-            Err(_) => None,
-        };
+        let change = change_of(entry, was_live);
         if entry.is_empty() {
             self.entries.remove(key);
         }
@@ -744,6 +756,17 @@ impl Replica {
             feed: Feed::new(config.feed_capacity, body.feed_cursor),
             config,
         })
+    }
+}
+
+/// The change event a merge that changed `entry` produces, if its value changed visibly.
+fn change_of(entry: &Entry, was_live: bool) -> Option<Change> {
+    match read(entry) {
+        Ok(Some(value)) => Some(Change::Put(value)),
+        Ok(None) => was_live.then_some(Change::Delete),
+        // A document whose versions cannot be merged still changed; watchers read it and get
+        // the error themselves. Validation on decode makes this unreachable in practice.
+        Err(_) => None,
     }
 }
 
