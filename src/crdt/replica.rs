@@ -601,29 +601,56 @@ impl Replica {
     /// Merges every held-back delta that has become ready, and drops those made redundant.
     fn release_held(&mut self) -> usize {
         let mut released = 0;
+        // Each origin's writes apply in order, so only its next one can be ready: look at that
+        // one per origin, and go round again while anything was released.
         loop {
-            let version = &self.version;
-            self.held.retain(|dot, _| !version.contains(*dot));
-            let ready: Vec<Dot> = self
-                .held
-                .iter()
-                .filter(|(_, delta)| self.is_ready(delta))
-                .map(|(dot, _)| *dot)
-                .collect();
-            if ready.is_empty() {
-                break;
-            }
-            for dot in ready {
-                if let Some(delta) = self.held.remove(&dot)
-                    && self.is_ready(&delta)
+            let mut progress = false;
+            for node in self.held_origins() {
+                let covered = self.version.get(node);
+                let stale: Vec<Dot> = self
+                    .held
+                    .range(Dot::new(node, 0)..=Dot::new(node, covered))
+                    .map(|(dot, _)| *dot)
+                    .collect();
+                for dot in stale {
+                    self.take_held(dot);
+                }
+                let next = Dot::new(node, covered + 1);
+                if self
+                    .held
+                    .get(&next)
+                    .is_some_and(|delta| self.is_ready(delta))
+                    && let Some(delta) = self.take_held(next)
                 {
                     self.merge_write(&delta);
                     released += 1;
+                    progress = true;
                 }
             }
+            if !progress {
+                return released;
+            }
         }
-        self.held_bytes = self.held.values().map(held_size).sum();
-        released
+    }
+
+    /// The nodes with held-back writes, each once.
+    fn held_origins(&self) -> Vec<NodeId> {
+        let mut origins = Vec::new();
+        let mut from = Dot::new(NodeId(0), 0);
+        while let Some((dot, _)) = self.held.range(from..).next() {
+            origins.push(dot.node);
+            let Some(next) = dot.node.0.checked_add(1) else {
+                break;
+            };
+            from = Dot::new(NodeId(next), 0);
+        }
+        origins
+    }
+
+    fn take_held(&mut self, dot: Dot) -> Option<Delta> {
+        let delta = self.held.remove(&dot)?;
+        self.held_bytes = self.held_bytes.saturating_sub(held_size(&delta));
+        Some(delta)
     }
 
     // ---- anti-entropy and garbage collection ----
