@@ -459,6 +459,15 @@ impl Node {
         for delta in deltas {
             let Some(dot) = delta.dot() else { continue };
             if self.replica.knows(dot) {
+                if self.recent.get(dot).is_none() {
+                    // Known through anti-entropy, not the tree: this push is the tree's first
+                    // delivery here. Keep the link and forward it down the tree, or every node
+                    // below would wait for an announcement and a graft.
+                    self.missing.remove(&dot);
+                    self.recent.insert(dot, delta.clone());
+                    fresh.push(delta);
+                    continue;
+                }
                 duplicate = true;
                 self.stats.duplicate_writes += 1;
                 continue;
