@@ -132,7 +132,9 @@ impl foca::Identity for Member {
         self.addr
     }
 
+    /// A newer incarnation (a larger replica id: the runtime makes them grow with time) wins,
+    /// whatever generation an older one reached; within one incarnation, the later generation.
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
-        (self.generation, self.replica) > (adversary.generation, adversary.replica)
+        (self.replica, self.generation) > (adversary.replica, adversary.generation)
     }
 }

@@ -141,6 +141,8 @@ pub struct Node {
     rng: SmallRng,
     /// Members SWIM considers alive, by name.
     members: BTreeMap<MemberName, Member>,
+    /// Where to announce this member while it knows no other.
+    seeds: Vec<SocketAddr>,
     /// Where each peer was last reached or said it could be.
     addresses: BTreeMap<MemberName, SocketAddr>,
     /// Peers that get new writes pushed in full.
@@ -212,6 +214,7 @@ impl Node {
             swim,
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed_0f90_551b),
             members: BTreeMap::new(),
+            seeds: Vec::new(),
             addresses: BTreeMap::new(),
             eager: BTreeSet::new(),
             lazy: BTreeSet::new(),
@@ -270,9 +273,16 @@ impl Node {
 
     // ---- inputs ----
 
-    /// Joins the cluster through members at `seeds`.
+    /// Joins the cluster through members at `seeds`. The announcement is repeated every
+    /// anti-entropy interval for as long as no member is known, since it travels as a datagram
+    /// and may be lost.
     pub fn join(&mut self, seeds: &[SocketAddr], now: Instant) {
-        for &addr in seeds {
+        self.seeds = seeds.to_vec();
+        self.announce_to_seeds(now);
+    }
+
+    fn announce_to_seeds(&mut self, now: Instant) {
+        for addr in self.seeds.clone() {
             if addr == self.me.addr {
                 continue;
             }
@@ -905,6 +915,9 @@ impl Node {
             Task::Announce => self.send_announcements(),
             Task::Graft => self.send_grafts(now),
             Task::AntiEntropy => {
+                if self.members.is_empty() {
+                    self.announce_to_seeds(now);
+                }
                 self.open_anti_entropy();
                 self.schedule(now + self.config.anti_entropy_interval, Task::AntiEntropy);
             }
