@@ -2,11 +2,13 @@
 //! over turmoil's simulated network, in simulated time, under a seeded schedule of faults.
 //!
 //! Each run starts 5 to 8 nodes (turmoil hosts, `node-<k>`) that join through two seeds, and three
-//! clients (turmoil clients) that write and read through the nodes' [`Handle`]s while the driver
-//! runs a seeded fault schedule for `FAULT_PHASE`: partitions (a random minority cut off) and
-//! repairs, held links (messages delayed until released), slow and jittery links, 20 % message
-//! loss (`set_fail_rate(0.2)`), and the crash and restart of a node. Then every fault is healed
-//! and a checker waits for convergence.
+//! clients (tasks of one turmoil client) that write and read through the nodes' [`Handle`]s, at a
+//! random node for every operation, while the driver runs a seeded fault schedule for
+//! `FAULT_PHASE`: partitions (a random minority cut off) and repairs, held links (messages delayed
+//! until released), slow and very jittery links, 20 % message loss (`set_fail_rate(0.2)`), and
+//! the crash and restart of a node. Then every fault is healed and a checker waits for
+//! convergence. Every link has a latency of its own (1–20 ms by seed) plus up to 40 ms of jitter,
+//! so messages on one link are reordered too.
 //!
 //! Checked on every run:
 //! - **causality**, on every read anywhere: each client's chain `chain/<c>/<g>` holds a gap-free
@@ -26,10 +28,19 @@
 //! no surviving replica had received are legitimately gone; they are counted, and the final state
 //! must be consistent with their absence.
 //!
-//! A node announces itself to its seeds again every anti-entropy interval while it knows no member
-//! (see `a_node_whose_join_announcement_is_lost_joins_on_a_later_announcement`). The fault schedule
-//! still pauses while a node joins, and links keep a constant latency outside jitter windows, as
-//! when the suite found that a lost join datagram once left a node alone forever.
+//! A node must have a peer within `JOIN_BOUND` of (re)starting; the fault schedule pauses while a
+//! node joins (a restart first heals every fault), so that bound holds regardless of the faults.
+//!
+//! Found by this suite and fixed in `src/gossip`, kept as regressions: a node whose one join
+//! announcement was lost never joined (`a_node_whose_join_announcement_is_lost_joins_on_a_later_
+//! announcement`), and a restarted node lost to its dead incarnation if that one had ever rejoined
+//! (`a_restarted_node_wins_over_its_previous_incarnation`).
+//!
+//! **Known bug, worked around here** (`a_restarted_node_is_reachable_again_promptly`, ignored):
+//! `Transport::bind` gives each start of a node a new random QUIC stateless-reset key, so a
+//! restarted node cannot reset its peers' connections to its dead incarnation, and peers keep
+//! sending into them until the idle timeout. The simulated nodes keep their reset and
+//! connection-id keys across restarts instead (`endpoint_config`), which is what the fix would do.
 //!
 //! `MANTISSA_SIM_SEEDS=<n>` runs `n` seeds instead of the default; `MANTISSA_SIM_SEED=<s>` runs
 //! exactly seed `s`; a failure names its seed. The runs are exactly reproducible only when built
@@ -84,7 +95,7 @@ const TICK: Duration = Duration::from_millis(1);
 /// Extra random latency on a jittery link (which reorders its messages).
 const JITTER: Duration = Duration::from_millis(40);
 /// Seeds run by default (see the module docs for the environment variables).
-const DEFAULT_SEEDS: u64 = 100;
+const DEFAULT_SEEDS: u64 = 80;
 /// The most nodes a simulated cluster has.
 const MAX_NODES: usize = 20;
 
@@ -151,18 +162,18 @@ fn the_same_seed_gives_the_same_trace() {
     }
 }
 
-/// Regression for a liveness bug in `src/gossip/node.rs`: `Node::join` announces to the seeds once,
-/// in one SWIM datagram, and nothing retries it. A node whose announcement is lost never joins:
-/// here it is lost when it overtakes the dial's last handshake packet on a jittery link (quinn
-/// drops 1-RTT packets that arrive before it completes the handshake). No faults at all, only
-/// jitter on every link from the start; a node that has no peer 10 s after it started fails it.
+/// Regression for a liveness bug found here in `src/gossip/node.rs` (fixed): `Node::join`
+/// announced to the seeds once, in one SWIM datagram, and nothing retried it, so a node whose
+/// announcement was lost never joined. It is lost when it overtakes the dial's last handshake
+/// packet on a jittery link (quinn drops 1-RTT packets that arrive before it completes the
+/// handshake): with 8 nodes joining over jittery links and no fault at all, most seeds lost one.
+/// A node that has no peer `JOIN_BOUND` after it started fails the run.
 #[test]
 fn a_node_whose_join_announcement_is_lost_joins_on_a_later_announcement() {
     let seeds = env_u64("MANTISSA_SIM_SEED").map_or(vec![7, 8, 9, 10], |seed| vec![seed]);
     run_seeds(&seeds, |seed| Params {
         nodes: 8,
         schedule: Schedule::Quiet,
-        protect_joins: false,
         ..Params::for_seed(seed)
     });
 }
@@ -187,19 +198,19 @@ fn a_restarted_node_is_reachable_again_promptly() {
     });
 }
 
-/// Regression for a liveness bug in `src/gossip/member.rs`: `Member::win_addr_conflict` compares
-/// the SWIM generation before the replica id, and a new incarnation starts at generation 0. Once
-/// a node has rejoined after being declared down (generation 1), its next incarnation loses the
-/// address conflict to the dead one: peers ignore it (answering at best with a "you are down"
-/// that the transport loses) and keep probing the dead identity, which the restarted node
-/// ignores in turn; it never gets a peer. The victim is the seed `node-1` again.
+/// Regression for a liveness bug found here in `src/gossip/member.rs` (fixed):
+/// `Member::win_addr_conflict` compared the SWIM generation before the replica id, and a new
+/// incarnation starts at generation 0. Once a node had rejoined after being declared down
+/// (generation 1), its next incarnation lost the address conflict to the dead one: peers ignored
+/// it (answering at best with a "you are down" that the transport lost) and kept probing the dead
+/// identity, which the restarted node ignored in turn; it never got a peer. The victim is the
+/// seed `node-1`, cut off for 8 s so that it is declared down and rejoins before its crash.
 #[test]
 fn a_restarted_node_wins_over_its_previous_incarnation() {
     let seeds = env_u64("MANTISSA_SIM_SEED").map_or(vec![1, 2], |seed| vec![seed]);
     run_seeds(&seeds, |seed| Params {
         nodes: 5,
         schedule: Schedule::RestartAfterRejoin(1),
-        crash_first_generation_only: false,
         ..Params::for_seed(seed)
     });
 }
@@ -284,13 +295,9 @@ struct Params {
     clients: usize,
     /// Which faults.
     schedule: Schedule,
-    /// Work around the join bug: constant link latencies and no faults while a node joins.
-    protect_joins: bool,
     /// Work around the restart bug: keep each node's QUIC stateless-reset and connection-id keys
     /// across its restarts (`Transport::bind` draws new ones each time).
     stable_endpoint_keys: bool,
-    /// Work around the generation bug: crash only a node still in its first SWIM generation.
-    crash_first_generation_only: bool,
 }
 
 /// A run's faults.
@@ -313,9 +320,7 @@ impl Params {
             nodes: 5 + (Rng::new(seed ^ 0x0005_1ce5).below(4) as usize),
             clients: 3,
             schedule: Schedule::Random,
-            protect_joins: true,
             stable_endpoint_keys: true,
-            crash_first_generation_only: true,
         }
     }
 }
@@ -420,9 +425,6 @@ struct State {
     /// When each host's software last started, and whether it has had a peer since.
     started_at: Vec<Duration>,
     joined: Vec<bool>,
-    /// Each node's SWIM generation, as last sampled (bumped when it rejoins after being
-    /// declared down).
-    generation: Vec<u32>,
     /// Replica ids of incarnations that crashed.
     crashed: BTreeSet<NodeId>,
     /// Set by the driver when the fault schedule is over and everything is healed.
@@ -509,7 +511,6 @@ fn run(seed: u64, params: &Params) -> Outcome {
         starts: vec![0; params.nodes],
         started_at: vec![Duration::ZERO; params.nodes],
         joined: vec![false; params.nodes],
-        generation: vec![0; params.nodes],
         crashed: BTreeSet::new(),
         faults_over: false,
         writes: Vec::new(),
@@ -527,21 +528,16 @@ fn run(seed: u64, params: &Params) -> Outcome {
             node_software(state.clone(), k, tls.clone())
         });
     }
-    for c in 0..params.clients {
-        sim.client(format!("client-{c}"), workload(state.clone(), c));
-    }
-    sim.client("checker", checker(state.clone()));
+    sim.client("clients", clients(state.clone(), params.clients));
 
     let network = Network::new(&sim, seed, params);
-    if params.protect_joins {
-        network.heal(&mut sim);
-    }
+    network.heal(&mut sim);
     let mut schedule = fault_schedule(seed, params);
-    // The schedule's clock: stands still while a node joins, when joins are protected.
+    // The schedule's clock: stands still while a node joins.
     let mut clock = Duration::ZERO;
     let failure = loop {
         let joining = state.borrow().joining();
-        let paused = params.protect_joins && joining.is_some();
+        let paused = joining.is_some();
         if let Some(k) = joining {
             let since = state.borrow().started_at[k];
             if sim.elapsed() > since + JOIN_BOUND {
@@ -607,7 +603,6 @@ async fn node_software(state: Shared, k: usize, tls: TlsConfig) -> turmoil::Resu
         s.starts[k] += 1;
         s.started_at[k] = turmoil::sim_elapsed().unwrap_or_default();
         s.joined[k] = false;
-        s.generation[k] = 0;
         (s.seed, s.nodes, s.starts[k], s.stable_keys)
     };
     let replica = replica_id(k, start);
@@ -734,7 +729,7 @@ enum FaultKind {
     Hold(usize, usize),
     /// Give a link a constant latency of this many milliseconds.
     Slow(usize, usize, u64),
-    /// Add random latency to a link, which reorders its messages.
+    /// Make a link very jittery (up to `6 * JITTER` more), which reorders its messages a lot.
     Jitter(usize, usize),
     /// Drop messages at this rate (turmoil's random link failures).
     FailRate(f64),
@@ -840,8 +835,7 @@ fn random_faults(seed: u64, nodes: usize) -> Vec<Fault> {
 /// The simulated network's links and their healthy latencies.
 struct Network {
     nodes: Vec<IpAddr>,
-    first_generation_only: bool,
-    /// Each link's constant latency when healthy, by seed.
+    /// Each link's least latency when healthy, by seed; `JITTER` more at most.
     latency: BTreeMap<(usize, usize), Duration>,
 }
 
@@ -857,11 +851,7 @@ impl Network {
                 latency.insert((a, b), rng.millis(1, 20));
             }
         }
-        Network {
-            nodes,
-            first_generation_only: params.crash_first_generation_only,
-            latency,
-        }
+        Network { nodes, latency }
     }
 
     /// Repairs and releases every link, restores healthy latencies and stops dropping messages.
@@ -871,6 +861,7 @@ impl Network {
             sim.repair(a, b);
             sim.release(a, b);
             sim.set_link_latency(a, b, latency);
+            sim.set_link_max_message_latency(a, b, latency + JITTER);
         }
         sim.set_fail_rate(0.0);
     }
@@ -896,8 +887,7 @@ impl Network {
             }
             FaultKind::Jitter(a, b) => {
                 let base = self.latency[&(a.min(b), a.max(b))];
-                sim.set_link_latency(ip(a), ip(b), base);
-                sim.set_link_max_message_latency(ip(a), ip(b), base + JITTER);
+                sim.set_link_max_message_latency(ip(a), ip(b), base + 6 * JITTER);
             }
             FaultKind::FailRate(rate) => sim.set_fail_rate(rate),
             FaultKind::Crash(k) => {
@@ -925,19 +915,32 @@ impl Network {
         }
     }
 
-    /// The node to crash: `k`, or with `crash_first_generation_only` the first running node from
-    /// `k` on that never rejoined (as last sampled).
+    /// The node to crash: `k`, or the next running one.
     fn victim(&self, state: &Shared, k: usize) -> Option<usize> {
         let s = state.borrow();
         let n = self.nodes.len();
-        (0..n).map(|i| (k + i) % n).find(|&j| {
-            s.handles[j].is_some() && (!self.first_generation_only || s.generation[j] == 0)
-        })
+        (0..n)
+            .map(|i| (k + i) % n)
+            .find(|&j| s.handles[j].is_some())
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Clients
+
+/// The clients and the checker, as tasks of one turmoil client (every simulated host costs time
+/// at every step). The first of them to fail ends the run.
+async fn clients(state: Shared, clients: usize) -> turmoil::Result {
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        tasks.spawn_local(workload(state.clone(), c));
+    }
+    tasks.spawn_local(checker(state));
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|err| err.to_string())??;
+    }
+    Ok(())
+}
 
 async fn workload(state: Shared, client: usize) -> turmoil::Result {
     let (seed, nodes) = {
@@ -1172,7 +1175,6 @@ async fn sample(state: &Shared, nodes: usize) {
             // The node may have crashed and restarted while we waited.
             if status.me.replica == replica_id(k, s.starts[k]) {
                 s.joined[k] |= !status.peers.is_empty();
-                s.generation[k] = status.me.generation;
             }
             s.samples.push((status.me.replica, status.version));
         }
@@ -1382,9 +1384,10 @@ fn check_causality(listing: &[(Key, Value)]) -> Result<(), String> {
 fn describe(state: &Shared, views: Option<&[View]>) -> String {
     let s = state.borrow();
     let mut out = String::new();
-    let Some(views) = views else {
-        return format!("some node is not running: {:?}", s.crashed_now());
-    };
+    let views = views.unwrap_or_default();
+    if views.is_empty() {
+        out += &format!("nodes not running: {:?}\n", s.crashed_now());
+    }
     for (k, view) in views.iter().enumerate() {
         out += &format!(
             "node-{k} (replica {}): version {:?}, {} keys, {} held back, peers {:?}, {}\n",
