@@ -3,9 +3,12 @@
 //! Every node holds a full causal-consistency replica of the cluster state. Writes are local and
 //! replicas exchange deltas; concurrent updates merge deterministically without a leader.
 //!
-//! Today the crate provides the replica itself, [`crdt::Replica`]: the keyspace, its value
-//! types (registers, counters, sets, JSON documents), deltas, causal delivery, garbage collection
-//! and snapshots. Gossip, the embedded node handle and the daemon are built on top of it.
+//! - [`crdt`]: the replica every node holds — keyspace, value types (registers, counters, sets,
+//!   JSON documents), deltas, causal delivery, garbage collection, snapshots. Pure.
+//! - [`gossip`]: the protocol as a sans-IO state machine — membership, dissemination,
+//!   anti-entropy, causal stability. Pure.
+//! - `runtime` (feature `runtime`, on by default): QUIC with mutual TLS and the embedded node,
+//!   started with `runtime::start` and used through a cloneable `runtime::Handle`.
 
 #![forbid(unsafe_code)]
 

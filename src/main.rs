@@ -9,9 +9,9 @@ use mantissa::crdt::{Key, NodeId, Replica, Value};
 /// Mantissa: a leaderless, CRDT-based cluster state store for container orchestrators.
 ///
 /// Every node keeps a full replica of the cluster state; writes are local and concurrent updates
-/// merge deterministically, with no leader. This build contains the replica core (registers,
-/// counters, sets, JSON documents, deltas, causal delivery, snapshots). The gossip layer, the
-/// `agent` daemon and its HTTP API are not built yet.
+/// merge deterministically, with no leader. This build contains the replica core, the gossip
+/// protocol and the embedded node (see `examples/embedded.rs`); the `agent` daemon and its HTTP
+/// API are not built yet.
 #[derive(Parser, Debug)]
 #[command(name = "mantissa", version, about, long_about)]
 struct Cli {

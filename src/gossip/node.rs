@@ -442,19 +442,7 @@ impl Node {
 
     fn push_local_writes(&mut self) {
         let deltas = std::mem::take(&mut self.outgoing);
-        let dots: Vec<Dot> = deltas.iter().filter_map(Delta::dot).collect();
-        let eager: Vec<MemberName> = self.eager.iter().cloned().collect();
-        for peer in &eager {
-            self.send(
-                peer,
-                &Message::Push {
-                    hops: 0,
-                    deltas: deltas.clone(),
-                },
-            );
-        }
-        let lazy: Vec<MemberName> = self.lazy.iter().cloned().collect();
-        self.announce(&lazy, &dots);
+        self.push(None, 0, deltas);
     }
 
     fn on_push(
@@ -506,24 +494,27 @@ impl Node {
             if self.lazy.remove(from) || !self.eager.contains(from) {
                 self.eager.insert(from.clone());
             }
-            self.forward(from, hops.saturating_add(1), fresh);
+            self.push(Some(from), hops.saturating_add(1), fresh);
         }
         failure.map_or(Ok(()), Err)
     }
 
-    fn forward(&mut self, from: &MemberName, hops: u16, deltas: Vec<Delta>) {
+    /// Pushes writes to the eager peers and announces them to the lazy ones, except to the peer
+    /// they came from. The message is encoded once for all eager peers.
+    fn push(&mut self, from: Option<&MemberName>, hops: u16, deltas: Vec<Delta>) {
         let dots: Vec<Dot> = deltas.iter().filter_map(Delta::dot).collect();
-        let eager: Vec<MemberName> = self.eager.iter().filter(|p| *p != from).cloned().collect();
-        for peer in &eager {
-            self.send(
-                peer,
-                &Message::Push {
-                    hops,
-                    deltas: deltas.clone(),
-                },
-            );
+        let others = |peers: &BTreeSet<MemberName>| -> Vec<MemberName> {
+            peers.iter().filter(|p| Some(*p) != from).cloned().collect()
+        };
+        let eager = others(&self.eager);
+        let lazy = others(&self.lazy);
+        if !eager.is_empty() {
+            let message = Message::Push { hops, deltas };
+            let payload = message.encode();
+            for peer in &eager {
+                self.send_encoded(peer, message.kind(), payload.clone());
+            }
         }
-        let lazy: Vec<MemberName> = self.lazy.iter().filter(|p| *p != from).cloned().collect();
         self.announce(&lazy, &dots);
     }
 
@@ -939,6 +930,10 @@ impl Node {
     }
 
     fn send(&mut self, peer: &MemberName, message: &Message) {
+        self.send_encoded(peer, message.kind(), message.encode());
+    }
+
+    fn send_encoded(&mut self, peer: &MemberName, kind: &'static str, payload: Vec<u8>) {
         let Some(&addr) = self.addresses.get(peer) else {
             return;
         };
@@ -946,18 +941,23 @@ impl Node {
             name: Some(peer.clone()),
             addr,
         };
-        self.transmit(to, Channel::Stream, message);
+        self.transmit_encoded(to, Channel::Stream, kind, payload);
     }
 
     fn transmit(&mut self, to: Destination, channel: Channel, message: &Message) {
-        let payload = message.encode();
+        self.transmit_encoded(to, channel, message.kind(), message.encode());
+    }
+
+    fn transmit_encoded(
+        &mut self,
+        to: Destination,
+        channel: Channel,
+        kind: &'static str,
+        payload: Vec<u8>,
+    ) {
         self.stats.messages_sent += 1;
         self.stats.bytes_sent += payload.len() as u64;
-        *self
-            .stats
-            .bytes_sent_by_kind
-            .entry(message.kind())
-            .or_default() += payload.len() as u64;
+        *self.stats.bytes_sent_by_kind.entry(kind).or_default() += payload.len() as u64;
         self.outbox.push_back(Transmit {
             to,
             channel,

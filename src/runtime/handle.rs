@@ -21,6 +21,8 @@ use crate::runtime::{Channel, Inbox, TlsConfig, Transport, TransportConfig, Tran
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
 const PEER_QUEUE: usize = 1024;
+/// How long shutdown waits for queued messages to be handed to the transport.
+const SHUTDOWN_SEND_BOUND: Duration = Duration::from_secs(5);
 /// Events a watcher may fall behind by before it is cut off with [`WatchError::Lagged`].
 const WATCH_QUEUE: usize = 4096;
 
@@ -230,6 +232,7 @@ pub fn start_on(
         transport,
         wall_clock: config.wall_clock.clone(),
         peers: HashMap::new(),
+        senders: tokio::task::JoinSet::new(),
         watchers: Vec::new(),
         waiters: Vec::new(),
         cursor: 0,
@@ -444,6 +447,8 @@ struct Driver {
     wall_clock: WallClock,
     /// A sending task per peer address, so one slow peer never delays the others.
     peers: HashMap<SocketAddr, mpsc::Sender<Transmit>>,
+    /// The sending tasks, awaited on shutdown so what they hold is handed to the transport.
+    senders: tokio::task::JoinSet<()>,
     watchers: Vec<Watcher>,
     waiters: Vec<(Token, Instant, Reply<()>)>,
     /// The change feed cursor up to which watchers have been served.
@@ -571,7 +576,8 @@ impl Driver {
         let addr = transmit.to.addr;
         let queue = self.peers.entry(addr).or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(send_loop(self.transport.clone(), receiver));
+            self.senders
+                .spawn(send_loop(self.transport.clone(), receiver));
             sender
         });
         if queue.try_send(transmit).is_err() {
@@ -694,13 +700,15 @@ impl Driver {
         while let Some(transmit) = self.node.poll_transmit() {
             self.dispatch(transmit);
         }
-        // Closing the queues lets each sending task finish what it holds, then the transport
-        // drains its connections.
-        let peers = std::mem::take(&mut self.peers);
-        drop(peers);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        for watcher in self.watchers.drain(..) {
-            drop(watcher);
+        // Closing the queues lets each sending task finish what it holds; then the transport
+        // drains its connections. A peer that never answers delays shutdown by at most a bound.
+        self.peers.clear();
+        let senders = async { while self.senders.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_SEND_BOUND, senders)
+            .await
+            .is_err()
+        {
+            warn!("messages to unreachable peers were abandoned at shutdown");
         }
         self.transport.shutdown().await;
         info!("node stopped");
