@@ -8,11 +8,15 @@
 //! - [`gossip`]: the protocol as a sans-IO state machine — membership, dissemination,
 //!   anti-entropy, causal stability. Pure.
 //! - `runtime` (feature `runtime`, on by default): QUIC with mutual TLS and the embedded node,
-//!   started with `runtime::start` and used through a cloneable `runtime::Handle`.
+//!   started with `runtime::start` and used through a cloneable `runtime::Handle`; durable
+//!   storage of the replica with `NodeConfig::storage`.
+//! - `daemon` (feature `cli`): the `mantissa agent` daemon, its HTTP/JSON API and client.
 
 #![forbid(unsafe_code)]
 
 pub mod crdt;
 pub mod gossip;
+#[cfg(feature = "cli")]
+pub mod daemon;
 #[cfg(feature = "runtime")]
 pub mod runtime;

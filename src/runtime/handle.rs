@@ -17,7 +17,7 @@ use crate::crdt::{
     VersionVector,
 };
 use crate::gossip::{self, Member, MemberName, Node, Transmit};
-use crate::runtime::{Channel, Inbox, TlsConfig, Transport, TransportConfig, TransportError};
+use crate::runtime::{Channel, Inbox, StorageConfig, StorageError, StorageStats, TlsConfig, Transport, TransportConfig, TransportError};
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
 const PEER_QUEUE: usize = 1024;
@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub rng_seed: Option<u64>,
     /// Milliseconds since the Unix epoch, for write timestamps.
     pub wall_clock: WallClock,
+    /// Durable storage; `None` keeps the replica in memory only.
+    pub storage: Option<StorageConfig>,
 }
 
 impl NodeConfig {
@@ -65,6 +67,7 @@ impl NodeConfig {
             replica: ReplicaConfig::default(),
             rng_seed: None,
             wall_clock: Arc::new(system_millis),
+            storage: None,
         }
     }
 }
@@ -82,6 +85,9 @@ pub enum HandleError {
     /// The token was not covered within the wait.
     #[error("timed out after {0:?} waiting for the replica to cover the token")]
     Timeout(Duration),
+    /// The write was applied in memory (and may reach peers) but could not be made durable here.
+    #[error("the write could not be made durable: {0}")]
+    Storage(String),
 }
 
 /// Why a node could not start.
@@ -97,6 +103,9 @@ pub enum StartError {
     /// The endpoint could not be bound.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The data directory could not be opened or read.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// Why a watch ended.
@@ -132,6 +141,8 @@ pub struct Status {
     pub tombstones: usize,
     /// Protocol counters.
     pub stats: gossip::Stats,
+    /// The data file's counters, when the node has durable storage.
+    pub storage: Option<StorageStats>,
 }
 
 /// A stream of change events for keys under a prefix, in the order this node applied them.
@@ -692,6 +703,7 @@ impl Driver {
             held_back: replica.held_back(),
             tombstones: replica.tombstones(),
             stats: self.node.stats().clone(),
+            storage: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The runtime layer: tokio and quinn drive the protocol state machine.
 
 mod handle;
+mod storage;
 mod tls;
 mod transport;
 
@@ -8,6 +9,7 @@ pub use handle::{
     Handle, HandleError, NodeConfig, StartError, Status, WallClock, Watch, WatchError, start,
     start_on, start_with,
 };
+pub use storage::{StorageConfig, StorageError, StorageStats};
 pub use tls::{ClusterCa, NodeCredentials, TlsConfig, TlsError, validate_node_name};
 pub use transport::{
     Channel, ConnectionInfo, Inbox, Received, Transport, TransportConfig, TransportError,
