@@ -172,8 +172,8 @@ type WriteOp = Box<dyn FnOnce(&mut Replica, u64) -> Result<Option<Delta>, crdt::
 type ReadOp = Box<dyn FnOnce(&Replica) -> Result<ReadResult, crdt::Error> + Send>;
 
 enum ReadResult {
-    One(Option<Value>),
-    Many(Vec<(Key, Value)>),
+    One(Option<Value>, Token),
+    Many(Vec<(Key, Value)>, Token),
 }
 
 enum Command {
@@ -336,15 +336,24 @@ impl Handle {
 
     /// The value at `key`, as this node's replica holds it now.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, HandleError> {
+        self.read_key(key).await.map(|(value, _)| value)
+    }
+
+    /// Like [`Handle::get`], with a token covering everything this node had applied when it
+    /// answered: pass it to another node's [`Handle::wait_for`] to read there no older state.
+    pub async fn read_key(
+        &self,
+        key: impl AsRef<[u8]>,
+    ) -> Result<(Option<Value>, Token), HandleError> {
         let key = Key::new(key)?;
         match self
             .read(Box::new(move |replica| {
-                replica.get(&key).map(ReadResult::One)
+                Ok(ReadResult::One(replica.get(&key)?, replica_token(replica)))
             }))
             .await?
         {
-            ReadResult::One(value) => Ok(value),
-            ReadResult::Many(_) => unreachable_read(),
+            ReadResult::One(value, token) => Ok((value, token)),
+            ReadResult::Many(..) => unreachable_read(),
         }
     }
 
@@ -354,15 +363,29 @@ impl Handle {
         prefix: impl AsRef<[u8]>,
         limit: usize,
     ) -> Result<Vec<(Key, Value)>, HandleError> {
+        self.list_after(prefix, None, limit)
+            .await
+            .map(|(items, _)| items)
+    }
+
+    /// Up to `limit` keys under `prefix` that sort after `after` (to page through a large
+    /// prefix), in key order, with a token as for [`Handle::read_key`].
+    pub async fn list_after(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        after: Option<Key>,
+        limit: usize,
+    ) -> Result<(Vec<(Key, Value)>, Token), HandleError> {
         let prefix = prefix.as_ref().to_vec();
         match self
             .read(Box::new(move |replica| {
-                replica.range(&prefix, limit).map(ReadResult::Many)
+                let items = replica.range_after(&prefix, after.as_ref(), limit)?;
+                Ok(ReadResult::Many(items, replica_token(replica)))
             }))
             .await?
         {
-            ReadResult::Many(items) => Ok(items),
-            ReadResult::One(_) => unreachable_read(),
+            ReadResult::Many(items, token) => Ok((items, token)),
+            ReadResult::One(..) => unreachable_read(),
         }
     }
 
@@ -441,6 +464,10 @@ impl Handle {
             .await
             .map_err(|_| HandleError::Stopped)
     }
+}
+
+fn replica_token(replica: &Replica) -> Token {
+    Token::from_version(replica.version().clone())
 }
 
 fn expect_token(token: Option<Token>) -> Token {
