@@ -69,6 +69,11 @@ impl HlcClock {
         self.last = self.last.max(seen.packed());
     }
 
+    /// The same clock, issuing timestamps for `node` from now on.
+    pub(crate) fn rename(&mut self, node: NodeId) {
+        self.node = node;
+    }
+
     /// The last timestamp issued or observed.
     pub fn last(&self) -> Hlc {
         Hlc::unpack(self.last, self.node)

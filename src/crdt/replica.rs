@@ -731,6 +731,35 @@ impl Replica {
         )
     }
 
+    /// Continues this replica under a new node id, for a process that restarts from saved state.
+    ///
+    /// The old id's writes stay as they are (they are now another node's writes that the next
+    /// local write depends on); new writes are dots of `node`. A process that may have issued
+    /// writes it did not save must never write under the old id again, or two different writes
+    /// could share a dot. Fails with [`Error::Invalid`] when `node` has already written here.
+    pub fn reincarnate(&mut self, node: NodeId) -> Result<(), Error> {
+        if self.version.get(node) > 0 {
+            return Err(Error::Invalid {
+                what: "node id",
+                reason: format!("{node} has already written to this replica"),
+            });
+        }
+        self.node = node;
+        self.clock.rename(node);
+        self.pending_deps = self.version.clone();
+        Ok(())
+    }
+
+    /// Moves the change feed's cursor `by` positions forward and forgets the events it holds.
+    ///
+    /// A restarted process calls this after its recovery, so cursors a watcher got from the
+    /// previous process — which may have numbered changes it never saved — are reported as
+    /// compacted instead of silently skipping new events.
+    pub fn skip_cursor(&mut self, by: u64) {
+        let last = self.feed.last().saturating_add(by).min(MAX_FEED_CURSOR);
+        self.feed = Feed::new(self.config.feed_capacity, last);
+    }
+
     /// Rebuilds a replica from [`Replica::snapshot`] bytes, validating everything. Never panics;
     /// allocates in proportion to `bytes.len()`.
     pub fn restore(bytes: &[u8], config: ReplicaConfig) -> Result<Replica, Error> {
@@ -981,5 +1010,53 @@ mod tests {
         // Documented semantics: the increment wins, carrying node 1's running total.
         assert_eq!(a.get(&key("c")).unwrap(), Some(Value::Counter(6)));
         assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn a_reincarnated_replica_writes_new_dots_that_depend_on_the_old_ones() {
+        let mut old = Replica::new(NodeId(1));
+        old.put(key("a"), b"1".to_vec(), 1).expect("put");
+        let mut restored =
+            Replica::restore(&old.snapshot(), ReplicaConfig::default()).expect("restore");
+        assert!(
+            restored.reincarnate(NodeId(1)).is_err(),
+            "an id that wrote here is refused"
+        );
+        restored.reincarnate(NodeId(2)).expect("fresh id");
+        let delta = restored.put(key("a"), b"2".to_vec(), 2).expect("put");
+        assert_eq!(delta.dot(), Some(Dot::new(NodeId(2), 1)));
+        assert!(delta.dependencies().contains(&Dot::new(NodeId(1), 1)));
+        // A peer that holds only the old write applies the new one at once.
+        let mut peer = Replica::new(NodeId(3));
+        peer.apply(old.full_delta()).expect("sync");
+        peer.apply(delta).expect("apply");
+        let Some(Value::Register(register)) = peer.get(&key("a")).expect("get") else {
+            panic!("missing");
+        };
+        assert_eq!(register.value, b"2");
+        assert!(
+            register.siblings.is_empty(),
+            "the new write supersedes the old one"
+        );
+    }
+
+    #[test]
+    fn skipping_the_cursor_reports_older_cursors_as_compacted() {
+        let mut replica = Replica::new(NodeId(1));
+        replica.put(key("a"), b"1".to_vec(), 1).expect("put");
+        let seen = replica.cursor();
+        replica.skip_cursor(1000);
+        assert_eq!(replica.cursor(), seen + 1000);
+        assert!(matches!(
+            replica.events_since(seen + 10).map(|events| events.count()),
+            Err(Error::Compacted { .. })
+        ));
+        replica.put(key("b"), b"2".to_vec(), 2).expect("put");
+        let fresh: Vec<u64> = replica
+            .events_since(seen + 1000)
+            .expect("current cursor")
+            .map(|event| event.cursor)
+            .collect();
+        assert_eq!(fresh, vec![seen + 1001]);
     }
 }

@@ -172,6 +172,8 @@ pub struct Node {
     announce_scheduled: bool,
     outbox: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Deltas that changed the replica, kept for the host to persist; `None` when not asked for.
+    journal: Option<VecDeque<Delta>>,
     stats: Stats,
 }
 
@@ -231,6 +233,7 @@ impl Node {
             announce_scheduled: false,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
+            journal: None,
             stats: Stats::default(),
         };
         let first_round = now + node.config.anti_entropy_interval;
@@ -327,6 +330,9 @@ impl Node {
             return Ok(None);
         };
         let dot = delta.dot();
+        if let Some(journal) = &mut self.journal {
+            journal.push_back(delta.clone());
+        }
         if let Some(dot) = dot {
             self.recent.insert(dot, delta.clone());
             self.outgoing.push(delta);
@@ -399,8 +405,7 @@ impl Node {
                 bytes,
             } => self.on_sync_chunk(from, transfer, index, count, bytes, now),
             Message::Sync(delta) => self
-                .replica
-                .apply(delta)
+                .apply_remote(delta)
                 .map(drop)
                 .map_err(ProtocolError::Apply),
         }
@@ -438,6 +443,30 @@ impl Node {
         self.events.pop_front()
     }
 
+    /// Asks the node to keep every delta that changes its replica — local writes and peers'
+    /// deltas, including those held back for their causes — for [`Node::poll_applied`]. Replaying
+    /// them in order onto the replica as it was when journaling started rebuilds its state.
+    pub fn enable_journal(&mut self) {
+        self.journal.get_or_insert_with(VecDeque::new);
+    }
+
+    /// The next delta that changed the replica, when the journal is enabled.
+    pub fn poll_applied(&mut self) -> Option<Delta> {
+        self.journal.as_mut()?.pop_front()
+    }
+
+    /// Applies a peer's delta, journaling it when it changed the replica or was held back.
+    fn apply_remote(&mut self, delta: Delta) -> Result<Applied, crdt::Error> {
+        let Some(journal) = &mut self.journal else {
+            return self.replica.apply(delta);
+        };
+        let applied = self.replica.apply(delta.clone())?;
+        if !matches!(applied, Applied::Duplicate) {
+            journal.push_back(delta);
+        }
+        Ok(applied)
+    }
+
     // ---- dissemination ----
 
     fn push_local_writes(&mut self) {
@@ -470,7 +499,7 @@ impl Node {
                 self.stats.duplicate_writes += 1;
                 continue;
             }
-            match self.replica.apply(delta.clone()) {
+            match self.apply_remote(delta.clone()) {
                 Ok(Applied::Duplicate) => {
                     duplicate = true;
                     self.stats.duplicate_writes += 1;
@@ -752,8 +781,7 @@ impl Node {
             self.stats.rejected_messages += 1;
             ProtocolError::Malformed(err)
         })?;
-        self.replica
-            .apply(delta)
+        self.apply_remote(delta)
             .map(drop)
             .map_err(ProtocolError::Apply)
     }

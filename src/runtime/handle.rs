@@ -17,6 +17,7 @@ use crate::crdt::{
     VersionVector,
 };
 use crate::gossip::{self, Member, MemberName, Node, Transmit};
+use crate::runtime::storage::{Ack, Storage};
 use crate::runtime::{Channel, Inbox, StorageConfig, StorageError, StorageStats, TlsConfig, Transport, TransportConfig, TransportError};
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
@@ -205,16 +206,36 @@ impl std::fmt::Debug for Handle {
 
 /// Starts a node with an empty replica under a new incarnation id: binds its endpoint, joins
 /// through the seeds, and returns its handle. Needs a tokio runtime.
+///
+/// With [`NodeConfig::storage`], the replica is first recovered from the data directory (and
+/// continued under a new incarnation id), and every write is acknowledged only once durable.
 pub async fn start(config: NodeConfig) -> Result<Handle, StartError> {
-    let replica = Replica::with_config(new_incarnation(&config.wall_clock), config.replica.clone());
-    start_with(config, replica).await
-}
-
-/// Like [`start`], from an existing replica (for instance one restored from disk).
-pub async fn start_with(config: NodeConfig, replica: Replica) -> Result<Handle, StartError> {
+    let node = new_incarnation(&config.wall_clock);
+    let (replica, storage) = match &config.storage {
+        Some(storage) => {
+            let storage = storage.clone();
+            let replica_config = config.replica.clone();
+            let (storage, replica) = tokio::task::spawn_blocking(move || {
+                Storage::open(&storage, replica_config, node)
+            })
+            .await
+            .map_err(|err| StorageError::Stopped(format!("opening storage panicked: {err}")))??;
+            (replica, Some(storage))
+        }
+        None => (Replica::with_config(node, config.replica.clone()), None),
+    };
     let (transport, inbox) =
         Transport::bind(config.bind, config.tls.clone(), config.transport.clone()).await?;
-    start_on(config, transport, inbox, replica)
+    launch(config, transport, inbox, replica, storage)
+}
+
+/// Like [`start`], from an existing replica (for instance one restored from a snapshot), in
+/// memory only: fails when `config.storage` is set.
+pub async fn start_with(config: NodeConfig, replica: Replica) -> Result<Handle, StartError> {
+    refuse_storage(&config)?;
+    let (transport, inbox) =
+        Transport::bind(config.bind, config.tls.clone(), config.transport.clone()).await?;
+    launch(config, transport, inbox, replica, None)
 }
 
 /// Like [`start_with`], over a transport the caller bound (for instance over a simulated socket
@@ -224,6 +245,27 @@ pub fn start_on(
     transport: Transport,
     inbox: Inbox,
     replica: Replica,
+) -> Result<Handle, StartError> {
+    refuse_storage(&config)?;
+    launch(config, transport, inbox, replica, None)
+}
+
+fn refuse_storage(config: &NodeConfig) -> Result<(), StartError> {
+    match &config.storage {
+        Some(storage) => Err(StartError::Storage(StorageError::Io {
+            path: storage.dir.clone(),
+            reason: "a node given its replica runs in memory; use `start` to load one from a data directory".into(),
+        })),
+        None => Ok(()),
+    }
+}
+
+fn launch(
+    config: NodeConfig,
+    transport: Transport,
+    inbox: Inbox,
+    replica: Replica,
+    storage: Option<Storage>,
 ) -> Result<Handle, StartError> {
     let name = MemberName::new(transport.node_name())?;
     config.gossip.validate()?;
@@ -235,6 +277,9 @@ pub fn start_on(
         .rng_seed
         .unwrap_or_else(|| (config.wall_clock)() ^ (u64::from(advertise.port()) << 48));
     let mut node = Node::new(me, replica, config.gossip.clone(), seed, now)?;
+    if storage.is_some() {
+        node.enable_journal();
+    }
     node.join(&config.seeds, now);
     info!(%name, %advertise, replica = %node.replica().node(), seeds = config.seeds.len(), "node started");
     let (commands, receiver) = mpsc::channel(1024);
@@ -247,6 +292,8 @@ pub fn start_on(
         watchers: Vec::new(),
         waiters: Vec::new(),
         cursor: 0,
+        storage,
+        unsaved: Vec::new(),
     };
     tokio::spawn(driver.run(receiver, inbox));
     Ok(Handle {
@@ -491,6 +538,10 @@ struct Driver {
     waiters: Vec<(Token, Instant, Reply<()>)>,
     /// The change feed cursor up to which watchers have been served.
     cursor: u64,
+    /// Durable storage, when configured: every journaled delta goes there.
+    storage: Option<Storage>,
+    /// Local writes applied but not yet handed to storage, answered once durable.
+    unsaved: Vec<Ack>,
 }
 
 struct Watcher {
@@ -547,10 +598,23 @@ impl Driver {
             Command::Write(op, reply) => {
                 let wall = (self.wall_clock)();
                 let result = self.node.write(now, |replica| op(replica, wall));
-                let result = result
-                    .map(|dot| dot.map(Token::from_dot))
-                    .map_err(HandleError::from);
-                let _ = reply.send(result);
+                match result {
+                    Ok(Some(dot)) if self.storage.is_some() => {
+                        self.unsaved.push(Box::new(move |saved: Result<(), StorageError>| {
+                            let answer = saved
+                                .map(|()| Some(Token::from_dot(dot)))
+                                .map_err(|err| HandleError::Storage(err.to_string()));
+                            let _ = reply.send(answer);
+                        }));
+                    }
+                    result => {
+                        let _ = reply.send(
+                            result
+                                .map(|dot| dot.map(Token::from_dot))
+                                .map_err(HandleError::from),
+                        );
+                    }
+                }
             }
             Command::Read(op, reply) => {
                 let _ = reply.send(op(self.node.replica()).map_err(HandleError::from));
@@ -607,6 +671,24 @@ impl Driver {
         if self.node.replica().cursor() != self.cursor {
             self.serve_watchers();
             self.serve_waiters();
+        }
+        self.save();
+    }
+
+    /// Hands what changed the replica to storage, with the local writes waiting on it, and
+    /// replaces the log with a snapshot when it has grown large.
+    fn save(&mut self) {
+        let Some(storage) = &self.storage else { return };
+        let mut deltas = Vec::new();
+        while let Some(delta) = self.node.poll_applied() {
+            deltas.push(delta);
+        }
+        if deltas.is_empty() && self.unsaved.is_empty() {
+            return;
+        }
+        storage.append(deltas, std::mem::take(&mut self.unsaved));
+        if storage.wants_checkpoint() {
+            storage.checkpoint(self.node.replica().snapshot());
         }
     }
 
@@ -730,7 +812,7 @@ impl Driver {
             held_back: replica.held_back(),
             tombstones: replica.tombstones(),
             stats: self.node.stats().clone(),
-            storage: None,
+            storage: self.storage.as_ref().map(Storage::stats),
         }
     }
 
@@ -749,7 +831,19 @@ impl Driver {
         {
             warn!("messages to unreachable peers were abandoned at shutdown");
         }
+        // What arrived while leaving, then a snapshot so the next start replays nothing.
+        self.save();
+        if let Some(storage) = &self.storage {
+            storage.checkpoint(self.node.replica().snapshot());
+        }
         self.transport.shutdown().await;
+        if let Some(storage) = self.storage
+            && tokio::task::spawn_blocking(move || storage.close())
+                .await
+                .is_err()
+        {
+            warn!("storage did not close cleanly");
+        }
         info!("node stopped");
     }
 }

@@ -1,8 +1,38 @@
 //! Durable storage of a node's replica in one redb file: a snapshot plus a log of the deltas
 //! applied since, written by a dedicated thread with group commit.
+//!
+//! The node journals every delta that changes its replica (local writes and peers' deltas). The
+//! storage thread takes whatever has queued up since its last commit, appends it to the log in
+//! one transaction, commits (one fsync for the whole batch), and only then acknowledges the local
+//! writes in it. When the log outgrows the state, the node hands over a snapshot; the snapshot
+//! replaces the log it covers in the same transaction. Recovery restores the snapshot and replays
+//! the log in order, then continues under a new node id (see [`Replica::reincarnate`]).
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tracing::{info, warn};
+
+use crate::crdt::{self, Delta, NodeId, Replica, ReplicaConfig};
+
+/// The data file inside the data directory.
+pub const DATA_FILE: &str = "mantissa.redb";
+/// The layout of the data file; bumped when it changes incompatibly.
+const FORMAT: u8 = 1;
+/// How far a restarted node moves its change-feed cursor (see [`Replica::skip_cursor`]): more
+/// changes than any process applies between two commits.
+const CURSOR_GAP: u64 = 1 << 32;
+/// The log may grow to this size, or to the snapshot's size if larger, before a checkpoint.
+const MIN_CHECKPOINT_BYTES: u64 = 64 << 20;
+/// A commit gathers at most this many queued jobs; the rest waits for the next one.
+const MAX_BATCH_JOBS: usize = 4096;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 
 /// Where and how a node keeps its replica on disk.
 #[derive(Clone, Debug)]
@@ -46,6 +76,10 @@ pub struct StorageStats {
     pub log_bytes: u64,
     /// Size of the last snapshot.
     pub snapshot_bytes: u64,
+    /// Deltas replayed from the log at start-up.
+    pub replayed: u64,
+    /// The failure that stopped storage, if any: writes are no longer durable.
+    pub failure: Option<String>,
 }
 
 /// Why the data file could not be opened, read or written.
@@ -66,4 +100,455 @@ pub enum StorageError {
     /// The storage thread has stopped after an earlier failure.
     #[error("storage has stopped after an earlier failure: {0}")]
     Stopped(String),
+}
+
+/// Called once the write it belongs to is durable, or with why it could not be made durable.
+pub(crate) type Ack = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+
+enum Job {
+    Append(Vec<Delta>, Vec<Ack>),
+    Checkpoint(Vec<u8>),
+}
+
+/// The node's side of durable storage: queues work for the storage thread.
+pub(crate) struct Storage {
+    jobs: Option<Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<Mutex<StorageStats>>,
+}
+
+impl Storage {
+    /// Opens (or creates) the data file in `config.dir`, recovers the replica it holds, and
+    /// continues it as `node`. Blocking.
+    pub(crate) fn open(
+        config: &StorageConfig,
+        replica_config: ReplicaConfig,
+        node: NodeId,
+    ) -> Result<(Storage, Replica), StorageError> {
+        std::fs::create_dir_all(&config.dir).map_err(|err| StorageError::Io {
+            path: config.dir.clone(),
+            reason: format!("cannot create the data directory: {err}"),
+        })?;
+        let path = config.dir.join(DATA_FILE);
+        let (db, replica, stats) = match recover(&path, &replica_config) {
+            Ok(recovered) => recovered,
+            Err(StorageError::Corrupted { path, reason }) if config.discard_corrupt => {
+                let aside = move_aside(&path)?;
+                warn!(file = %path.display(), moved_to = %aside.display(), %reason,
+                    "data file corrupted; moved aside, starting empty to re-sync from peers");
+                recover(&path, &replica_config)?
+            }
+            Err(err) => return Err(err),
+        };
+        let mut replica = replica;
+        replica
+            .reincarnate(node)
+            .map_err(|err| corrupted(&path, format!("cannot continue the replica: {err}")))?;
+        replica.skip_cursor(CURSOR_GAP);
+        info!(file = %path.display(), keys = replica.len(), replayed = stats.replayed,
+            log_bytes = stats.log_bytes, "storage opened");
+        let stats = Arc::new(Mutex::new(stats));
+        let (jobs, queue) = mpsc::channel();
+        let writer = Writer {
+            db,
+            path,
+            stats: stats.clone(),
+            failure: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("mantissa-storage".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|err| StorageError::Io {
+                path: config.dir.clone(),
+                reason: format!("cannot start the storage thread: {err}"),
+            })?;
+        Ok((
+            Storage {
+                jobs: Some(jobs),
+                thread: Some(thread),
+                stats,
+            },
+            replica,
+        ))
+    }
+
+    /// Queues deltas for the log; each ack runs once they (and everything queued before) are
+    /// durable.
+    pub(crate) fn append(&self, deltas: Vec<Delta>, acks: Vec<Ack>) {
+        self.submit(Job::Append(deltas, acks));
+    }
+
+    /// Whether the log has grown enough that a snapshot should replace it.
+    pub(crate) fn wants_checkpoint(&self) -> bool {
+        let stats = self.stats();
+        stats.failure.is_none() && stats.log_bytes > MIN_CHECKPOINT_BYTES.max(stats.snapshot_bytes)
+    }
+
+    /// Queues a snapshot of the replica as it is after everything queued so far; it replaces the
+    /// log.
+    pub(crate) fn checkpoint(&self, snapshot: Vec<u8>) {
+        // Counted now so the next flushes do not ask for another one before this one lands.
+        if let Ok(mut stats) = self.stats.lock() {
+            stats.log_bytes = 0;
+            stats.snapshot_bytes = snapshot.len() as u64;
+        }
+        self.submit(Job::Checkpoint(snapshot));
+    }
+
+    pub(crate) fn stats(&self) -> StorageStats {
+        self.stats
+            .lock()
+            .map(|stats| stats.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits for everything queued to be written and closes the file. Blocking.
+    pub(crate) fn close(mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            warn!("the storage thread panicked");
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        let Some(jobs) = &self.jobs else { return };
+        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+            fail_job(
+                job,
+                StorageError::Stopped("the storage thread has exited".into()),
+            );
+        }
+    }
+}
+
+/// The storage thread.
+struct Writer {
+    db: Database,
+    path: PathBuf,
+    stats: Arc<Mutex<StorageStats>>,
+    failure: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, queue: Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_JOBS
+                && let Ok(job) = queue.try_recv()
+            {
+                batch.push(job);
+            }
+            self.commit(batch);
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Job>) {
+        if let Some(failure) = &self.failure {
+            let err = StorageError::Stopped(failure.clone());
+            for job in batch {
+                fail_job(job, StorageError::Stopped(err.to_string()));
+            }
+            return;
+        }
+        let started = Instant::now();
+        let mut acks = Vec::new();
+        let mut written = (0u64, 0u64);
+        let result = self.write(batch, &mut acks, &mut written);
+        let elapsed = started.elapsed();
+        match result {
+            Ok(checkpoints) => {
+                if let Ok(mut stats) = self.stats.lock() {
+                    stats.commits += 1;
+                    stats.deltas_written += written.0;
+                    stats.bytes_written += written.1;
+                    stats.log_bytes += written.1;
+                    stats.checkpoints += checkpoints;
+                    stats.sync_time += elapsed;
+                    stats.max_sync = stats.max_sync.max(elapsed);
+                }
+                for ack in acks {
+                    ack(Ok(()));
+                }
+            }
+            Err(reason) => {
+                let reason = format!("{}: {reason}", self.path.display());
+                tracing::error!(%reason, "storage failed; writes are no longer durable");
+                if let Ok(mut stats) = self.stats.lock() {
+                    stats.failure = Some(reason.clone());
+                }
+                self.failure = Some(reason.clone());
+                for ack in acks {
+                    ack(Err(StorageError::Stopped(reason.clone())));
+                }
+            }
+        }
+    }
+
+    /// Writes a batch in one transaction; returns how many checkpoints it held.
+    fn write(
+        &self,
+        batch: Vec<Job>,
+        acks: &mut Vec<Ack>,
+        written: &mut (u64, u64),
+    ) -> Result<u64, String> {
+        let txn = self.db.begin_write().map_err(|err| err.to_string())?;
+        let mut checkpoints = 0;
+        {
+            let mut log = txn.open_table(LOG).map_err(|err| err.to_string())?;
+            let mut meta = txn.open_table(META).map_err(|err| err.to_string())?;
+            let mut next = match log.last().map_err(|err| err.to_string())? {
+                Some((seq, _)) => seq.value() + 1,
+                None => 0,
+            };
+            for job in batch {
+                match job {
+                    Job::Append(deltas, job_acks) => {
+                        acks.extend(job_acks);
+                        for delta in deltas {
+                            let bytes = delta.encode();
+                            log.insert(next, bytes.as_slice())
+                                .map_err(|err| err.to_string())?;
+                            next += 1;
+                            written.0 += 1;
+                            written.1 += bytes.len() as u64;
+                        }
+                    }
+                    Job::Checkpoint(snapshot) => {
+                        // Everything logged so far, in this transaction or before, was applied
+                        // before the snapshot was taken.
+                        log.retain(|_, _| false).map_err(|err| err.to_string())?;
+                        meta.insert("snapshot", snapshot.as_slice())
+                            .map_err(|err| err.to_string())?;
+                        checkpoints += 1;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|err| err.to_string())?;
+        Ok(checkpoints)
+    }
+}
+
+fn fail_job(job: Job, err: StorageError) {
+    if let Job::Append(_, acks) = job {
+        for ack in acks {
+            ack(Err(StorageError::Stopped(err.to_string())));
+        }
+    }
+}
+
+/// Opens the data file and rebuilds the replica it holds (an empty one for a new file).
+fn recover(
+    path: &Path,
+    config: &ReplicaConfig,
+) -> Result<(Database, Replica, StorageStats), StorageError> {
+    let db = Database::create(path).map_err(|err| match err {
+        redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+            StorageError::Locked {
+                path: path.to_path_buf(),
+            }
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() != std::io::ErrorKind::InvalidData =>
+        {
+            StorageError::Io {
+                path: path.to_path_buf(),
+                reason: io.to_string(),
+            }
+        }
+        other => corrupted(path, other.to_string()),
+    })?;
+    let bad = |err: &dyn std::fmt::Display| corrupted(path, err.to_string());
+    let mut stats = StorageStats {
+        path: path.to_path_buf(),
+        ..StorageStats::default()
+    };
+    {
+        let txn = db.begin_write().map_err(|err| bad(&err))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|err| bad(&err))?;
+            let format = meta
+                .get("format")
+                .map_err(|err| bad(&err))?
+                .map(|v| v.value().to_vec());
+            match format.as_deref() {
+                None => {
+                    meta.insert("format", [FORMAT].as_slice())
+                        .map_err(|err| bad(&err))?;
+                }
+                Some([FORMAT]) => {}
+                Some(other) => {
+                    return Err(corrupted(path, format!("unknown data format {other:?}")));
+                }
+            }
+            txn.open_table(LOG).map_err(|err| bad(&err))?;
+        }
+        txn.commit().map_err(|err| bad(&err))?;
+    }
+    let txn = db.begin_read().map_err(|err| bad(&err))?;
+    let meta = txn.open_table(META).map_err(|err| bad(&err))?;
+    let mut replica = match meta.get("snapshot").map_err(|err| bad(&err))? {
+        Some(snapshot) => {
+            stats.snapshot_bytes = snapshot.value().len() as u64;
+            Replica::restore(snapshot.value(), config.clone())
+                .map_err(|err| corrupted(path, format!("snapshot: {err}")))?
+        }
+        // A replica that never wrote: its id is replaced at once by the caller.
+        None => Replica::with_config(NodeId(0), config.clone()),
+    };
+    let log = txn.open_table(LOG).map_err(|err| bad(&err))?;
+    for entry in log.iter().map_err(|err| bad(&err))? {
+        let (seq, bytes) = entry.map_err(|err| bad(&err))?;
+        let bytes = bytes.value();
+        stats.log_bytes += bytes.len() as u64;
+        let delta = Delta::decode(bytes)
+            .map_err(|err| corrupted(path, format!("log entry {}: {err}", seq.value())))?;
+        match replica.apply(delta) {
+            Ok(_) => stats.replayed += 1,
+            // Held back beyond the limits: anti-entropy delivers it again.
+            Err(crdt::Error::BufferFull { .. }) => {}
+            Err(err) => {
+                return Err(corrupted(path, format!("log entry {}: {err}", seq.value())));
+            }
+        }
+    }
+    drop(log);
+    drop(meta);
+    drop(txn);
+    Ok((db, replica, stats))
+}
+
+fn corrupted(path: &Path, reason: String) -> StorageError {
+    StorageError::Corrupted {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Renames a damaged data file so a new one can be created; never deletes anything.
+fn move_aside(path: &Path) -> Result<PathBuf, StorageError> {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis());
+    let aside = path.with_extension(format!("redb.corrupt-{millis}"));
+    std::fs::rename(path, &aside).map_err(|err| StorageError::Io {
+        path: path.to_path_buf(),
+        reason: format!("cannot move the corrupted file aside: {err}"),
+    })?;
+    Ok(aside)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crdt::{Key, Value};
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("mantissa-storage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn acked(count: &Arc<Mutex<u64>>) -> Ack {
+        let count = count.clone();
+        Box::new(move |saved| {
+            saved.expect("durable");
+            *count.lock().expect("lock") += 1;
+        })
+    }
+
+    fn open(dir: &Path, node: u64) -> (Storage, Replica) {
+        Storage::open(
+            &StorageConfig::new(dir),
+            ReplicaConfig::default(),
+            NodeId(node),
+        )
+        .expect("open")
+    }
+
+    #[test]
+    fn the_log_is_replayed_after_a_stop_without_snapshot() {
+        let dir = scratch("replay");
+        let (storage, mut replica) = open(&dir, 1);
+        let acks = Arc::new(Mutex::new(0));
+        for i in 0..50u64 {
+            let key = Key::new(format!("k{i}")).expect("key");
+            let delta = replica.put(key, i.to_le_bytes().to_vec(), i).expect("put");
+            storage.append(vec![delta], vec![acked(&acks)]);
+        }
+        storage.close();
+        assert_eq!(*acks.lock().expect("lock"), 50, "every write acknowledged");
+
+        let (storage, replica) = open(&dir, 2);
+        assert_eq!(storage.stats().replayed, 50);
+        assert_eq!(replica.node(), NodeId(2));
+        assert_eq!(replica.version().get(NodeId(1)), 50);
+        let key = Key::new("k49").expect("key");
+        let Some(Value::Register(register)) = replica.get(&key).expect("get") else {
+            panic!("k49 lost");
+        };
+        assert_eq!(register.value, 49u64.to_le_bytes());
+        assert!(
+            replica.cursor() >= CURSOR_GAP,
+            "cursors of the previous process are never reused"
+        );
+        storage.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_checkpoint_replaces_the_log_it_covers() {
+        let dir = scratch("checkpoint");
+        let (storage, mut replica) = open(&dir, 1);
+        let acks = Arc::new(Mutex::new(0));
+        let first = replica
+            .put(Key::new("a").expect("key"), b"1".to_vec(), 1)
+            .expect("put");
+        storage.append(vec![first], vec![acked(&acks)]);
+        storage.checkpoint(replica.snapshot());
+        let second = replica
+            .put(Key::new("b").expect("key"), b"2".to_vec(), 2)
+            .expect("put");
+        storage.append(vec![second], vec![acked(&acks)]);
+        storage.close();
+
+        let (storage, replica) = open(&dir, 2);
+        let stats = storage.stats();
+        assert_eq!(
+            stats.replayed, 1,
+            "only the write after the snapshot is in the log"
+        );
+        assert!(stats.snapshot_bytes > 0);
+        for key in ["a", "b"] {
+            assert!(
+                replica
+                    .get(&Key::new(key).expect("key"))
+                    .expect("get")
+                    .is_some()
+            );
+        }
+        storage.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_opener_is_told_the_file_is_in_use() {
+        let dir = scratch("locked");
+        let (storage, _) = open(&dir, 1);
+        let second = Storage::open(
+            &StorageConfig::new(&dir),
+            ReplicaConfig::default(),
+            NodeId(2),
+        );
+        assert!(
+            matches!(second, Err(StorageError::Locked { .. })),
+            "{:?}",
+            second.err()
+        );
+        storage.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
