@@ -15,8 +15,8 @@
 #![forbid(unsafe_code)]
 
 pub mod crdt;
-pub mod gossip;
 #[cfg(feature = "cli")]
 pub mod daemon;
+pub mod gossip;
 #[cfg(feature = "runtime")]
 pub mod runtime;

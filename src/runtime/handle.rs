@@ -18,7 +18,10 @@ use crate::crdt::{
 };
 use crate::gossip::{self, Member, MemberName, Node, Transmit};
 use crate::runtime::storage::{Ack, Storage};
-use crate::runtime::{Channel, Inbox, StorageConfig, StorageError, StorageStats, TlsConfig, Transport, TransportConfig, TransportError};
+use crate::runtime::{
+    Channel, Inbox, StorageConfig, StorageError, StorageStats, TlsConfig, Transport,
+    TransportConfig, TransportError,
+};
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
 const PEER_QUEUE: usize = 1024;
@@ -215,11 +218,12 @@ pub async fn start(config: NodeConfig) -> Result<Handle, StartError> {
         Some(storage) => {
             let storage = storage.clone();
             let replica_config = config.replica.clone();
-            let (storage, replica) = tokio::task::spawn_blocking(move || {
-                Storage::open(&storage, replica_config, node)
-            })
-            .await
-            .map_err(|err| StorageError::Stopped(format!("opening storage panicked: {err}")))??;
+            let (storage, replica) =
+                tokio::task::spawn_blocking(move || Storage::open(&storage, replica_config, node))
+                    .await
+                    .map_err(|err| {
+                        StorageError::Stopped(format!("opening storage panicked: {err}"))
+                    })??;
             (replica, Some(storage))
         }
         None => (Replica::with_config(node, config.replica.clone()), None),
@@ -600,12 +604,13 @@ impl Driver {
                 let result = self.node.write(now, |replica| op(replica, wall));
                 match result {
                     Ok(Some(dot)) if self.storage.is_some() => {
-                        self.unsaved.push(Box::new(move |saved: Result<(), StorageError>| {
-                            let answer = saved
-                                .map(|()| Some(Token::from_dot(dot)))
-                                .map_err(|err| HandleError::Storage(err.to_string()));
-                            let _ = reply.send(answer);
-                        }));
+                        self.unsaved
+                            .push(Box::new(move |saved: Result<(), StorageError>| {
+                                let answer = saved
+                                    .map(|()| Some(Token::from_dot(dot)))
+                                    .map_err(|err| HandleError::Storage(err.to_string()));
+                                let _ = reply.send(answer);
+                            }));
                     }
                     result => {
                         let _ = reply.send(
