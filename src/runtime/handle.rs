@@ -715,13 +715,17 @@ impl Driver {
         if let Some(from) = from {
             match self.node.replica().events_since(from) {
                 Ok(backlog) => {
+                    let mut room = WATCH_QUEUE - 1;
                     for event in backlog.filter(|event| {
                         event.cursor <= self.cursor && event.key.as_bytes().starts_with(&prefix)
                     }) {
-                        if events.try_send(Ok(event.clone())).is_err() {
+                        // One slot stays free for the error that tells the watcher to resume.
+                        if room == 0 {
                             let _ = events.try_send(Err(WatchError::Lagged(WATCH_QUEUE)));
                             return Watch { events: receiver };
                         }
+                        room -= 1;
+                        let _ = events.try_send(Ok(event.clone()));
                     }
                 }
                 Err(crdt::Error::Compacted { requested, oldest }) => {

@@ -340,7 +340,25 @@ fn fail_job(job: Job, err: StorageError) {
 }
 
 /// Opens the data file and rebuilds the replica it holds (an empty one for a new file).
+///
+/// The storage engine may panic on a damaged file instead of returning an error; that is
+/// reported as corruption too.
 fn recover(
+    path: &Path,
+    config: &ReplicaConfig,
+) -> Result<(Database, Replica, StorageStats), StorageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_file(path, config)))
+        .unwrap_or_else(|panic| {
+            let reason = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the storage engine failed");
+            Err(corrupted(path, format!("unreadable: {reason}")))
+        })
+}
+
+fn read_file(
     path: &Path,
     config: &ReplicaConfig,
 ) -> Result<(Database, Replica, StorageStats), StorageError> {
