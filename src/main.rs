@@ -1,109 +1,216 @@
-//! The `mantissa` command line.
+//! The `mantissa` command line: the agent daemon, certificate tooling, and client commands.
 
+mod commands;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
-use mantissa::crdt::{Key, NodeId, Replica, Value};
+use mantissa::daemon::config::AgentFlags;
+
+use crate::commands::remote::{
+    ClientArgs, CounterCommand, DocCommand, KvCommand, Remote, SetCommand,
+};
+use crate::commands::{EXIT_OK, Failure};
 
 /// Mantissa: a leaderless, CRDT-based cluster state store for container orchestrators.
 ///
 /// Every node keeps a full replica of the cluster state; writes are local and concurrent updates
-/// merge deterministically, with no leader. This build contains the replica core, the gossip
-/// protocol and the embedded node (see `examples/embedded.rs`); the `agent` daemon and its HTTP
-/// API are not built yet.
+/// merge deterministically, with no leader. `mantissa agent` runs a node with an HTTP API; the
+/// client commands (`kv`, `counter`, `set`, `doc`, `members`, `status`) talk to that API.
+///
+/// Exit status: 0 success, 1 the command failed, 2 bad usage or configuration, 3 no agent
+/// answers at --addr.
 #[derive(Parser, Debug)]
-#[command(name = "mantissa", version, about, long_about)]
+#[command(
+    name = "mantissa",
+    version,
+    about,
+    long_about,
+    after_help = "Try it:\n  mantissa agent --dev          # a throwaway node on 127.0.0.1\n  \
+                  mantissa kv put greeting hello\n  mantissa kv get greeting"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Runs a node: joins the cluster over QUIC with mutual TLS and serves the HTTP API.
+    ///
+    /// Settings come from flags, then `MANTISSA_*` environment variables, then the --config
+    /// file, then defaults. Stop it with ctrl-c or SIGTERM: it stops the API, leaves the cluster
+    /// and flushes its data, then exits 0 (a second signal exits at once).
+    #[command(after_help = "Examples:\n  \
+        mantissa agent --dev\n  \
+        mantissa agent --tls-ca tls/ca.pem --tls-cert tls/n1.pem --tls-key tls/n1-key.pem \\\n      \
+        --data-dir /var/lib/mantissa --bind 0.0.0.0:7701 --advertise 10.0.0.1:7701 \\\n      \
+        --join 10.0.0.2:7701 --join 10.0.0.3:7701\n  \
+        mantissa agent --config /etc/mantissa/agent.toml")]
+    Agent(AgentFlags),
+
+    /// Creates the cluster CA and node certificates.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+
+    /// Reads and writes registers (keys holding bytes), lists and watches keys.
+    #[command(subcommand)]
+    Kv(KvCommand),
+
+    /// Adds to and reads counters.
+    #[command(subcommand)]
+    Counter(CounterCommand),
+
+    /// Adds to, removes from and reads sets.
+    #[command(subcommand)]
+    Set(SetCommand),
+
+    /// Patches and reads JSON documents.
+    #[command(subcommand)]
+    Doc(DocCommand),
+
+    /// Lists the live members of the cluster, as the agent sees them.
+    ///
+    /// Example: `mantissa members`
+    Members,
+
+    /// Prints the agent's view of itself: replica, peers, traffic, storage.
+    ///
+    /// Example: `mantissa status`; `mantissa --addr http://10.0.0.2:7700 status --json`
+    Status,
+
     /// Runs two in-process replicas through concurrent writes and shows how they merge.
     ///
     /// Example: `mantissa demo`
     Demo,
 }
 
+#[derive(Subcommand, Debug)]
+enum TlsCommand {
+    /// Creates a cluster CA: DIR/ca.pem (give it to every node) and DIR/ca-key.pem (mode 0600).
+    ///
+    /// Example: `mantissa tls init --dir tls`
+    Init {
+        /// Where to write the files; created if missing.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The cluster's name, written into the CA certificate.
+        #[arg(long, value_name = "CLUSTER", default_value = "mantissa")]
+        name: String,
+        /// Replaces existing files (every certificate the old CA issued stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+
+    /// Issues a node certificate signed by the CA in DIR: DIR/ID.pem and DIR/ID-key.pem (0600).
+    ///
+    /// The certificate names the node and serves for both server and client authentication.
+    ///
+    /// Example: `mantissa tls issue --dir tls --node n1`
+    Issue {
+        /// The directory holding the CA (from `tls init`); the files are written there too.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node's name: lowercase letters, digits, '-' and '.'.
+        #[arg(long, value_name = "ID")]
+        node: String,
+        /// How long the certificate is valid.
+        #[arg(long, value_name = "N", default_value_t = 365,
+              value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// Replaces existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Demo => match demo() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("error: {err}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match cli.command {
+        Command::Agent(flags) => commands::agent::run(flags),
+        Command::Tls(TlsCommand::Init { dir, name, force }) => {
+            commands::tls::init(&dir, &name, force)
+        }
+        Command::Tls(TlsCommand::Issue {
+            dir,
+            node,
+            days,
+            force,
+        }) => commands::tls::issue(&dir, &node, days, force),
+        Command::Kv(command) => commands::remote::run(Remote::Kv(command), &cli.client),
+        Command::Counter(command) => commands::remote::run(Remote::Counter(command), &cli.client),
+        Command::Set(command) => commands::remote::run(Remote::Set(command), &cli.client),
+        Command::Doc(command) => commands::remote::run(Remote::Doc(command), &cli.client),
+        Command::Members => commands::remote::run(Remote::Members, &cli.client),
+        Command::Status => commands::remote::run(Remote::Status, &cli.client),
+        Command::Demo => commands::demo::run().map_err(Failure::failed),
+    };
+    match result {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
     }
 }
 
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
-}
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
 
-fn demo() -> Result<(), mantissa::crdt::Error> {
-    let mut east = Replica::new(NodeId(1));
-    let mut west = Replica::new(NodeId(2));
-    let replicas = Key::new("services/web/replicas")?;
-    let placements = Key::new("jobs/web/placements")?;
+    use super::*;
 
-    println!("Two replicas, east and west, write concurrently without talking to each other:");
-    let e1 = east.put(replicas.clone(), b"3".to_vec(), now_millis())?;
-    let w1 = west.put(replicas.clone(), b"5".to_vec(), now_millis())?;
-    let e2 = east.set_add(
-        placements.clone(),
-        vec![b"web-1@host-a".to_vec()],
-        now_millis(),
-    )?;
-    let w2 = west.set_add(
-        placements.clone(),
-        vec![b"web-2@host-b".to_vec()],
-        now_millis(),
-    )?;
-    println!("  east: put {replicas} = 3, add web-1@host-a to {placements}");
-    println!("  west: put {replicas} = 5, add web-2@host-b to {placements}");
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
 
-    println!(
-        "They exchange deltas ({} bytes in all) and merge:",
-        [&e1, &e2, &w1, &w2]
-            .iter()
-            .map(|d| d.encode().len())
-            .sum::<usize>()
-    );
-    for delta in [w1, w2] {
-        east.apply(delta)?;
+    #[test]
+    fn reads_take_after_and_wait() {
+        let cli = Cli::try_parse_from([
+            "mantissa", "kv", "get", "a", "--after", "0102", "--wait", "2s",
+        ])
+        .unwrap();
+        let Command::Kv(KvCommand::Get { read, .. }) = cli.command else {
+            panic!("parsed {cli:?}");
+        };
+        assert_eq!(read.wait, Some(std::time::Duration::from_secs(2)));
+        assert!(Cli::try_parse_from(["mantissa", "kv", "get", "a", "--wait", "2s"]).is_err());
     }
-    for delta in [e1, e2] {
-        west.apply(delta)?;
+
+    #[test]
+    fn negative_amounts_and_dash_values_parse() {
+        let cli = Cli::try_parse_from(["mantissa", "counter", "add", "c", "-3"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Counter(CounterCommand::Add { amount: -3, .. })
+        ));
+        let cli = Cli::try_parse_from(["mantissa", "kv", "put", "k", "-"]).unwrap();
+        assert!(matches!(cli.command, Command::Kv(KvCommand::Put { .. })));
     }
-    for (name, replica) in [("east", &east), ("west", &west)] {
-        print!("  {name}: ");
-        if let Some(Value::Register(register)) = replica.get(&replicas)? {
-            print!(
-                "{replicas} = {} (concurrent sibling: {}); ",
-                String::from_utf8_lossy(&register.value),
-                register
-                    .siblings
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(&s.value).into_owned())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        if let Some(Value::Set(elements)) = replica.get(&placements)? {
-            let shown: Vec<_> = elements
-                .iter()
-                .map(|e| String::from_utf8_lossy(e).into_owned())
-                .collect();
-            print!("{placements} = {{{}}}", shown.join(", "));
-        }
-        println!("  [state digest {:016x}]", replica.digest());
+
+    #[test]
+    fn global_client_options_go_anywhere() {
+        let cli =
+            Cli::try_parse_from(["mantissa", "status", "--json", "--addr", "http://x:1"]).unwrap();
+        assert!(cli.client.json);
+        assert_eq!(cli.client.addr, "http://x:1");
     }
-    println!("Both replicas pick the same winner and hold the same state: no leader was asked.");
-    Ok(())
+
+    #[test]
+    fn agent_flags_repeat_join() {
+        let cli = Cli::try_parse_from([
+            "mantissa", "agent", "--join", "a:1", "--join", "b:2,c:3", "--dev",
+        ])
+        .unwrap();
+        let Command::Agent(flags) = cli.command else {
+            panic!()
+        };
+        assert_eq!(flags.join, ["a:1", "b:2", "c:3"]);
+        assert!(flags.dev);
+    }
 }

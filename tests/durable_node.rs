@@ -115,7 +115,9 @@ async fn a_damaged_data_file_is_refused_and_moved_aside_only_on_request() {
     node.put("k", "v").await.expect("put");
     // Enough data that the file is mostly live pages, so damage in its middle hits them.
     for i in 0..400 {
-        node.put(format!("fill/{i}"), vec![b'x'; 1000]).await.expect("put");
+        node.put(format!("fill/{i}"), vec![b'x'; 1000])
+            .await
+            .expect("put");
     }
     node.shutdown().await.expect("shutdown");
 

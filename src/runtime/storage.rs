@@ -144,7 +144,9 @@ impl Storage {
         replica
             .reincarnate(node)
             .map_err(|err| corrupted(&path, format!("cannot continue the replica: {err}")))?;
-        replica.skip_cursor(CURSOR_GAP);
+        if stats.snapshot_bytes > 0 || stats.log_bytes > 0 {
+            replica.skip_cursor(CURSOR_GAP);
+        }
         info!(file = %path.display(), keys = replica.len(), replayed = stats.replayed,
             log_bytes = stats.log_bytes, "storage opened");
         let stats = Arc::new(Mutex::new(stats));

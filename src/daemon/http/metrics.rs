@@ -343,7 +343,7 @@ fn render_status(status: &Status, out: &mut Exposition) {
     let Some(storage) = &status.storage else {
         return;
     };
-    let storage_metrics: [(&str, &str, &str, String); 8] = [
+    let storage_metrics: [(&str, &str, &str, String); 10] = [
         (
             "mantissa_storage_commits_total",
             "counter",
@@ -391,6 +391,18 @@ fn render_status(status: &Status, out: &mut Exposition) {
             "gauge",
             "Size of the last snapshot.",
             storage.snapshot_bytes.to_string(),
+        ),
+        (
+            "mantissa_storage_failed",
+            "gauge",
+            "1 once a commit has failed: writes are no longer durable (see /v1/status).",
+            u8::from(storage.failure.is_some()).to_string(),
+        ),
+        (
+            "mantissa_storage_replayed_deltas",
+            "gauge",
+            "Deltas replayed from the log when the node started.",
+            storage.replayed.to_string(),
         ),
     ];
     for (name, kind, help, value) in storage_metrics {

@@ -1,0 +1,28 @@
+//! `mantissa agent`: resolves the configuration, sets up logging and runs the daemon.
+
+use std::time::Duration;
+
+use mantissa::daemon::agent;
+use mantissa::daemon::config::{AgentConfig, AgentFlags};
+
+use crate::commands::{Failure, runtime};
+
+/// How long the runtime may take to stop its remaining tasks once the agent has stopped.
+const RUNTIME_STOP: Duration = Duration::from_secs(2);
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(flags: AgentFlags) -> Result<(), Failure> {
+    let config = AgentConfig::load(flags).map_err(Failure::usage)?;
+    agent::init_logging(config.log_format);
+    let runtime = runtime(true)?;
+    let result = runtime.block_on(async {
+        let shutdown = agent::shutdown_signal()
+            .map_err(|err| Failure::failed(format!("cannot install signal handlers: {err}")))?;
+        agent::run(config, shutdown).await.map_err(|err| Failure {
+            message: err.to_string(),
+            code: err.exit_code(),
+        })
+    });
+    runtime.shutdown_timeout(RUNTIME_STOP);
+    result
+}
