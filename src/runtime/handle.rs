@@ -27,6 +27,8 @@ use crate::runtime::{
 const PEER_QUEUE: usize = 1024;
 /// How long shutdown waits for queued messages to be handed to the transport.
 const SHUTDOWN_SEND_BOUND: Duration = Duration::from_secs(5);
+/// Commands (or peers' messages) handled before the node's outputs are flushed.
+const BATCH: usize = 256;
 /// Events a watcher may fall behind by before it is cut off with [`WatchError::Lagged`].
 const WATCH_QUEUE: usize = 4096;
 
@@ -560,19 +562,45 @@ impl Driver {
         mut inbox: crate::runtime::Inbox,
     ) {
         self.cursor = self.node.replica().cursor();
-        let shutdown = loop {
+        let shutdown = 'driving: loop {
             self.flush();
             let wake = self.next_wake();
             tokio::select! {
-                command = commands.recv() => match command {
-                    Some(Command::Shutdown(done)) => break Some(done),
-                    Some(command) => self.on_command(command),
-                    None => break None,
-                },
-                received = inbox.recv() => match received {
-                    Some(received) => self.on_received(received),
-                    None => break None,
-                },
+                command = commands.recv() => {
+                    // Take what else is waiting too: one flush then sends their writes in one
+                    // push and hands them to storage in one batch.
+                    let mut next = command;
+                    for handled in 1.. {
+                        match next {
+                            Some(Command::Shutdown(done)) => break 'driving Some(done),
+                            Some(command) => self.on_command(command),
+                            None => break 'driving None,
+                        }
+                        if handled == BATCH {
+                            break;
+                        }
+                        match commands.try_recv() {
+                            Ok(command) => next = Some(command),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                received = inbox.recv() => {
+                    let mut next = received;
+                    for handled in 1.. {
+                        match next {
+                            Some(received) => self.on_received(received),
+                            None => break 'driving None,
+                        }
+                        if handled == BATCH {
+                            break;
+                        }
+                        next = inbox.try_recv();
+                        if next.is_none() {
+                            break;
+                        }
+                    }
+                }
                 () = tokio::time::sleep_until(wake) => {
                     self.node.handle_timeout(Instant::now().into_std());
                     self.expire_waiters();

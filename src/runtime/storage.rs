@@ -88,7 +88,7 @@ pub struct StorageStats {
 pub enum StorageError {
     /// The data file exists but its content is damaged or not a mantissa data file.
     #[error(
-        "data file {path} is corrupted or unreadable ({reason}); nothing was changed. Restore it from a backup, or start with --discard-corrupt-data to move it aside and re-sync from peers"
+        "data file {path} is corrupted or unreadable ({reason}). It was left in place: restore it from a backup, or start with --discard-corrupt-data to move it aside and re-sync from peers"
     )]
     Corrupted { path: PathBuf, reason: String },
     /// Another process holds the data file.
@@ -364,7 +364,30 @@ fn read_file(
     path: &Path,
     config: &ReplicaConfig,
 ) -> Result<(Database, Replica, StorageStats), StorageError> {
-    let db = Database::create(path).map_err(|err| match err {
+    // An existing file is read without being modified first, so a damaged one is refused as it
+    // is. Only a file that was not closed cleanly (a crash) must be opened for writing to be
+    // repaired before it can be read.
+    let exists = std::fs::metadata(path).is_ok_and(|meta| meta.len() > 0);
+    let checked = if exists {
+        match redb::Builder::new().open_read_only(path) {
+            Ok(db) => Some(read_state(&db, path, config)?),
+            Err(redb::DatabaseError::RepairAborted) => None,
+            Err(err) => return Err(open_error(path, err)),
+        }
+    } else {
+        None
+    };
+    let db = Database::create(path).map_err(|err| open_error(path, err))?;
+    write_format(&db, path)?;
+    let (replica, stats) = match checked {
+        Some(state) => state,
+        None => read_state(&db, path, config)?,
+    };
+    Ok((db, replica, stats))
+}
+
+fn open_error(path: &Path, err: redb::DatabaseError) -> StorageError {
+    match err {
         redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
             StorageError::Locked {
                 path: path.to_path_buf(),
@@ -379,36 +402,53 @@ fn read_file(
             }
         }
         other => corrupted(path, other.to_string()),
-    })?;
+    }
+}
+
+/// Marks a new file with the data format and creates the tables.
+fn write_format(db: &Database, path: &Path) -> Result<(), StorageError> {
+    let bad = |err: &dyn std::fmt::Display| corrupted(path, err.to_string());
+    let txn = db.begin_write().map_err(|err| bad(&err))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|err| bad(&err))?;
+        if meta.get("format").map_err(|err| bad(&err))?.is_none() {
+            meta.insert("format", [FORMAT].as_slice())
+                .map_err(|err| bad(&err))?;
+        }
+        txn.open_table(LOG).map_err(|err| bad(&err))?;
+    }
+    txn.commit().map_err(|err| bad(&err))
+}
+
+/// The replica a file holds: its snapshot with its log replayed (an empty replica for a new
+/// file), checking everything.
+fn read_state(
+    db: &impl ReadableDatabase,
+    path: &Path,
+    config: &ReplicaConfig,
+) -> Result<(Replica, StorageStats), StorageError> {
     let bad = |err: &dyn std::fmt::Display| corrupted(path, err.to_string());
     let mut stats = StorageStats {
         path: path.to_path_buf(),
         ..StorageStats::default()
     };
-    {
-        let txn = db.begin_write().map_err(|err| bad(&err))?;
-        {
-            let mut meta = txn.open_table(META).map_err(|err| bad(&err))?;
-            let format = meta
-                .get("format")
-                .map_err(|err| bad(&err))?
-                .map(|v| v.value().to_vec());
-            match format.as_deref() {
-                None => {
-                    meta.insert("format", [FORMAT].as_slice())
-                        .map_err(|err| bad(&err))?;
-                }
-                Some([FORMAT]) => {}
-                Some(other) => {
-                    return Err(corrupted(path, format!("unknown data format {other:?}")));
-                }
-            }
-            txn.open_table(LOG).map_err(|err| bad(&err))?;
-        }
-        txn.commit().map_err(|err| bad(&err))?;
-    }
     let txn = db.begin_read().map_err(|err| bad(&err))?;
-    let meta = txn.open_table(META).map_err(|err| bad(&err))?;
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        // A file created but never written to.
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            return Ok((Replica::with_config(NodeId(0), config.clone()), stats));
+        }
+        Err(err) => return Err(bad(&err)),
+    };
+    match meta.get("format").map_err(|err| bad(&err))? {
+        Some(format) if format.value() == [FORMAT] => {}
+        Some(format) => {
+            let format = format.value().to_vec();
+            return Err(corrupted(path, format!("unknown data format {format:?}")));
+        }
+        None => return Err(corrupted(path, "no data format marker".into())),
+    }
     let mut replica = match meta.get("snapshot").map_err(|err| bad(&err))? {
         Some(snapshot) => {
             stats.snapshot_bytes = snapshot.value().len() as u64;
@@ -434,10 +474,7 @@ fn read_file(
             }
         }
     }
-    drop(log);
-    drop(meta);
-    drop(txn);
-    Ok((db, replica, stats))
+    Ok((replica, stats))
 }
 
 fn corrupted(path: &Path, reason: String) -> StorageError {

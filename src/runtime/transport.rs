@@ -260,6 +260,11 @@ impl Inbox {
     pub async fn recv(&mut self) -> Option<Received> {
         self.rx.recv().await
     }
+
+    /// The next message if one is already waiting.
+    pub fn try_recv(&mut self) -> Option<Received> {
+        self.rx.try_recv().ok()
+    }
 }
 
 impl std::fmt::Debug for Transport {
