@@ -382,6 +382,19 @@ fn a_node_with_a_certificate_from_another_ca_never_joins() {
         },
     );
 
+    // ... and counted, in /v1/status and in the metrics.
+    let refused = |node: usize| {
+        cluster.get_json(node, "/v1/status")["transport"]["handshakes_refused"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        (0..cluster.len()).any(|node| refused(node) > 0),
+        "no node counted a refused handshake"
+    );
+    let metrics = cluster.http(0, "GET", "/metrics", b"");
+    assert!(String::from_utf8_lossy(&metrics.body).contains("mantissa_handshakes_refused_total"));
+
     // A certificate from the other CA presented with the cluster's CA does not even start.
     cluster.issue(&foreign_ca, "node-9");
     let tls = |file: &str| foreign_ca.join(file).display().to_string();

@@ -20,7 +20,7 @@ use crate::gossip::{self, Member, MemberName, Node, Transmit};
 use crate::runtime::storage::{Ack, Storage};
 use crate::runtime::{
     Channel, Inbox, StorageConfig, StorageError, StorageStats, TlsConfig, Transport,
-    TransportConfig, TransportError,
+    TransportConfig, TransportError, TransportStats,
 };
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
@@ -149,6 +149,8 @@ pub struct Status {
     pub stats: gossip::Stats,
     /// The data file's counters, when the node has durable storage.
     pub storage: Option<StorageStats>,
+    /// The transport's counters: connections, refused handshakes, dropped messages.
+    pub transport: TransportStats,
 }
 
 /// A stream of change events for keys under a prefix, in the order this node applied them.
@@ -850,6 +852,7 @@ impl Driver {
             tombstones: replica.tombstones(),
             stats: self.node.stats().clone(),
             storage: self.storage.as_ref().map(Storage::stats),
+            transport: self.transport.stats(),
         }
     }
 

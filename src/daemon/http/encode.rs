@@ -12,7 +12,7 @@ use serde_json::{Map, Value as Json, json};
 
 use crate::crdt::{Change, Event, Key, Token, Value};
 use crate::gossip::Member;
-use crate::runtime::{Status, StorageStats};
+use crate::runtime::{Status, StorageStats, TransportStats};
 
 /// A JSON response, newline-terminated so it reads well from curl.
 pub(super) fn json_response(status: StatusCode, body: &Json) -> Response {
@@ -205,6 +205,17 @@ pub(super) fn status(status: &Status) -> Json {
             "tombstones_collected": stats.tombstones_collected,
         },
         "storage": status.storage.as_ref().map_or(Json::Null, storage),
+        "transport": transport(&status.transport),
+    })
+}
+
+fn transport(stats: &TransportStats) -> Json {
+    json!({
+        "handshakes_refused": stats.handshakes_refused,
+        "connections_dialed": stats.connections_dialed,
+        "connections_accepted": stats.connections_accepted,
+        "oversized_dropped": stats.oversized_dropped,
+        "datagrams_dropped": stats.datagrams_dropped,
     })
 }
 

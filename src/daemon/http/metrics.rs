@@ -340,6 +340,37 @@ fn render_status(status: &Status, out: &mut Exposition) {
             );
         }
     }
+    let transport = &status.transport;
+    let transport_metrics = [
+        (
+            "mantissa_handshakes_refused_total",
+            "TLS handshakes refused: a peer with a certificate from another CA, expired, or for another name.",
+            transport.handshakes_refused,
+        ),
+        (
+            "mantissa_connections_dialed_total",
+            "QUIC connections this node opened.",
+            transport.connections_dialed,
+        ),
+        (
+            "mantissa_connections_accepted_total",
+            "QUIC connections this node accepted.",
+            transport.connections_accepted,
+        ),
+        (
+            "mantissa_oversized_messages_dropped_total",
+            "Incoming messages dropped for exceeding the size limit.",
+            transport.oversized_dropped,
+        ),
+        (
+            "mantissa_datagrams_dropped_total",
+            "Incoming datagrams dropped because the node was behind.",
+            transport.datagrams_dropped,
+        ),
+    ];
+    for (name, help, value) in transport_metrics {
+        out.single(name, "counter", help, value);
+    }
     let Some(storage) = &status.storage else {
         return;
     };

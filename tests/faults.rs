@@ -1,0 +1,1 @@
+//! Fault injection with real agents in network namespaces (being written).
