@@ -1,1 +1,863 @@
-//! Fault injection with real agents in network namespaces (being written).
+//! Fault injection with real agent processes: each agent in its own network namespace, clients
+//! recording a history while a seeded nemesis partitions, drops packets, pauses, kills and
+//! restarts nodes; then every fault heals and checkers judge the history and the final state.
+//!
+//! Needs root (network namespaces and nftables); without root the test prints why and passes.
+//! Replay a run with `MANTISSA_FAULT_SEED=<seed>` (printed at the start of each run); run more
+//! with `MANTISSA_FAULT_SEEDS=<n>`, longer with `MANTISSA_FAULT_SECS=<s>`, larger with
+//! `MANTISSA_FAULT_NODES=<n>`. The seed fixes the nemesis schedule and every client's choices;
+//! thread timing still varies from run to run. See docs/testing.md.
+
+#[path = "support/agent.rs"]
+mod agent;
+#[path = "support/faults_check.rs"]
+mod check;
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value as Json;
+
+use agent::{Cluster, encode_path, encode_query, request_once};
+use check::{Action, NodeState, Op, Outcome, Register, Violation};
+use netns::{Faults, Network};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_mantissa");
+/// The seeds CI runs: fixed, so a red CI run replays exactly the same schedule.
+const CI_SEEDS: [u64; 2] = [0x6d61_6e74_0001, 0x6d61_6e74_0002];
+/// Nodes, and seconds of faults per seed, unless the environment says otherwise: small enough
+/// for a shared 2-core CI machine.
+const DEFAULT_NODES: usize = 3;
+const DEFAULT_SECS: u64 = 20;
+const HTTP_PORT: u16 = 7700;
+const GOSSIP_PORT: u16 = 7701;
+/// How long after the last fault heals every node must hold the same state.
+const CONVERGENCE: Duration = Duration::from_secs(30);
+/// How long an agent gets to start answering, or to exit after SIGTERM.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// `wait=` on requests carrying a token: short, so that a client stuck behind a partition moves
+/// on (a `504` is a definite failure) instead of holding its history still.
+const CLIENT_WAIT: &str = "3s";
+/// Register keys of the workload (few, so writes contend).
+const REGISTER_KEYS: usize = 3;
+const COUNTER_KEY: &str = "f/counter";
+const SET_KEY: &str = "f/set";
+/// Log lines shown per agent start when a check fails.
+const LOG_TAIL_LINES: usize = 40;
+
+#[test]
+fn faults_keep_acknowledged_writes_sessions_and_convergence() {
+    if !netns::is_root() {
+        println!("SKIPPED faults: network namespaces and nftables need root; run as root");
+        return;
+    }
+    if let Some(missing) = netns::missing_tools() {
+        panic!("fault tests run as root but {missing}");
+    }
+    let settings = Settings::from_env();
+    println!("faults: {settings:?}");
+    let mut failures = Vec::new();
+    for &seed in &settings.seeds {
+        let started = Instant::now();
+        if let Err(report) = run_seed(seed, &settings) {
+            failures.push(report);
+        }
+        println!("faults: seed {seed:#x} took {:.1?}", started.elapsed());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} seeds failed:\n{}",
+        failures.len(),
+        settings.seeds.len(),
+        failures.join("\n")
+    );
+}
+
+/// The run's shape, from the environment.
+#[derive(Debug)]
+struct Settings {
+    seeds: Vec<u64>,
+    nodes: usize,
+    fault_time: Duration,
+}
+
+/// One agent process and what it is started with.
+struct Node {
+    name: String,
+    addr: Ipv4Addr,
+    data_dir: PathBuf,
+    child: Option<Child>,
+    /// Starts so far; each logs to its own files.
+    starts: usize,
+}
+
+/// Agents in a private network, with the certificates and scratch directory of an (otherwise
+/// empty) loopback [`Cluster`].
+struct FaultCluster {
+    nodes: Vec<Node>,
+    net: Network,
+    /// Owns the scratch directory (removed on drop) and the CA.
+    files: Cluster,
+}
+
+/// One fault of the schedule.
+#[derive(Clone, Debug)]
+enum Fault {
+    /// Gossip between `side` and the other nodes is dropped both ways.
+    Partition { side: Vec<usize> },
+    /// One node cut off from every other.
+    Isolate(usize),
+    /// Every node drops this percentage of incoming gossip packets.
+    Loss(u8),
+    /// SIGSTOP, then SIGCONT.
+    Pause(usize),
+    /// SIGKILL, then a start on the same data directory.
+    Kill(usize),
+    /// SIGTERM (exit 0 expected), then a start on the same data directory.
+    Restart(usize),
+}
+
+/// A fault held for `hold`, then healed, then `quiet` without faults.
+#[derive(Clone, Debug)]
+struct Step {
+    fault: Fault,
+    hold: Duration,
+    quiet: Duration,
+}
+
+/// SplitMix64: small, seedable, good enough to pick faults and operations.
+struct Rng(u64);
+
+impl Settings {
+    fn from_env() -> Settings {
+        let number = |name: &str| {
+            std::env::var(name).ok().map(|text| {
+                parse_number(&text).unwrap_or_else(|| panic!("{name}={text} is not a number"))
+            })
+        };
+        let seeds = match (
+            number("MANTISSA_FAULT_SEED"),
+            number("MANTISSA_FAULT_SEEDS"),
+        ) {
+            (Some(seed), _) => vec![seed],
+            (None, Some(count)) => {
+                let mut rng = Rng(clock_seed());
+                let extra = (CI_SEEDS.len() as u64..count).map(|_| rng.next());
+                CI_SEEDS
+                    .iter()
+                    .copied()
+                    .take(count as usize)
+                    .chain(extra)
+                    .collect()
+            }
+            (None, None) => CI_SEEDS.to_vec(),
+        };
+        let nodes = number("MANTISSA_FAULT_NODES").map_or(DEFAULT_NODES, |n| n as usize);
+        assert!(
+            (2..=32).contains(&nodes),
+            "MANTISSA_FAULT_NODES must be 2..=32"
+        );
+        let secs = number("MANTISSA_FAULT_SECS").unwrap_or(DEFAULT_SECS);
+        Settings {
+            seeds,
+            nodes,
+            fault_time: Duration::from_secs(secs),
+        }
+    }
+}
+
+/// Runs one seed: start, load under faults, heal, converge, check. `Err` is the report.
+fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
+    let schedule = schedule(seed, settings.nodes, settings.fault_time);
+    let mut text = format!(
+        "faults: seed {seed:#x} (replay: MANTISSA_FAULT_SEED={seed:#x} \
+         MANTISSA_FAULT_NODES={} MANTISSA_FAULT_SECS={}), schedule:\n",
+        settings.nodes,
+        settings.fault_time.as_secs()
+    );
+    for step in &schedule {
+        let _ = writeln!(text, "  {step:?}");
+    }
+    println!("{text}");
+
+    let mut cluster = FaultCluster::start(settings.nodes)
+        .unwrap_or_else(|err| panic!("running as root, but the network cannot be built: {err}"));
+    let addrs: Vec<SocketAddr> = (0..settings.nodes).map(|i| cluster.http(i)).collect();
+    let start = Instant::now();
+    let stop = AtomicBool::new(false);
+    let (nemesis, histories) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..settings.nodes)
+            .map(|client| {
+                let (addrs, stop) = (&addrs, &stop);
+                scope.spawn(move || client_loop(client, addrs, seed, start, stop))
+            })
+            .collect();
+        let nemesis = run_schedule(&mut cluster, &schedule);
+        // Heal before stopping the clients, so their last operations see a whole cluster.
+        let healed = cluster.heal();
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        let histories: Vec<(Vec<Op>, Option<String>)> = clients
+            .into_iter()
+            .map(|client| client.join().expect("client thread"))
+            .collect();
+        (nemesis.and(healed), histories)
+    });
+    let (histories, tokens): (Vec<Vec<Op>>, Vec<Option<String>>) = histories.into_iter().unzip();
+    let history: Vec<Op> = histories.into_iter().flatten().collect();
+    let summary = summarize(&history);
+    println!("faults: seed {seed:#x} history: {summary}");
+
+    let mut violations = Vec::new();
+    if let Err(err) = nemesis {
+        violations.push(Violation {
+            check: "faults run as scheduled",
+            detail: err,
+            ops: Vec::new(),
+        });
+    }
+    let finals = cluster.converge();
+    violations.extend(check::check_all(&history, &finals));
+    if let Some(violation) = cluster.tokens_satisfiable(&history, &tokens) {
+        violations.push(violation);
+    }
+    if violations.is_empty() {
+        return Ok(());
+    }
+    let mut report = format!("===== seed {seed:#x} FAILED ({summary})\n{text}");
+    for violation in &violations {
+        let _ = writeln!(report, "{violation}");
+    }
+    report.push_str(&cluster.log_tails());
+    eprintln!("{report}");
+    Err(report)
+}
+
+/// The faults of one run, from its seed: about `total` of faults with quiet gaps between them.
+fn schedule(seed: u64, nodes: usize, total: Duration) -> Vec<Step> {
+    let mut rng = Rng(seed);
+    let mut steps = Vec::new();
+    let mut planned = Duration::ZERO;
+    while planned < total {
+        let node = rng.below(nodes as u64) as usize;
+        let fault = match rng.below(6) {
+            0 => {
+                let mut side: Vec<usize> = (0..nodes).filter(|_| rng.below(2) == 0).collect();
+                if side.is_empty() || side.len() == nodes {
+                    side = (0..nodes / 2).collect();
+                }
+                Fault::Partition { side }
+            }
+            1 => Fault::Isolate(node),
+            2 => Fault::Loss(10 + rng.below(50) as u8),
+            3 => Fault::Pause(node),
+            4 => Fault::Kill(node),
+            _ => Fault::Restart(node),
+        };
+        let hold = Duration::from_millis(1_000 + rng.below(3_000));
+        let quiet = Duration::from_millis(500 + rng.below(1_500));
+        planned += hold + quiet;
+        steps.push(Step { fault, hold, quiet });
+    }
+    steps
+}
+
+fn run_schedule(cluster: &mut FaultCluster, schedule: &[Step]) -> Result<(), String> {
+    // Let the clients make some history on a whole cluster first.
+    std::thread::sleep(Duration::from_secs(1));
+    for step in schedule {
+        cluster.inflict(&step.fault, step.hold)?;
+        std::thread::sleep(step.quiet);
+    }
+    Ok(())
+}
+
+impl FaultCluster {
+    /// Builds the network, issues certificates and starts `n` durable agents that know each
+    /// other, waiting until each answers `/v1/health`.
+    fn start(n: usize) -> Result<FaultCluster, String> {
+        let net = Network::create(n)?;
+        let mut files = Cluster::new(BINARY, "faults");
+        let ca = files.ca_dir().to_owned();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let name = format!("node-{i}");
+            files.issue(&ca, &name);
+            nodes.push(Node {
+                data_dir: files.root().join(&name).join("data"),
+                addr: net.node_addr(i),
+                name,
+                child: None,
+                starts: 0,
+            });
+        }
+        let mut cluster = FaultCluster { nodes, net, files };
+        for node in 0..n {
+            cluster.spawn(node);
+        }
+        for node in 0..n {
+            cluster.wait_healthy(node)?;
+        }
+        cluster.wait_formed()?;
+        Ok(cluster)
+    }
+
+    fn http(&self, node: usize) -> SocketAddr {
+        SocketAddr::from((self.nodes[node].addr, HTTP_PORT))
+    }
+
+    fn spawn(&mut self, node: usize) {
+        let logs = self.files.root().join("logs");
+        fs::create_dir_all(&logs).expect("create the log directory");
+        let ca = self.files.ca_dir().to_owned();
+        let peers: Vec<Ipv4Addr> = self.nodes.iter().map(|n| n.addr).collect();
+        let mut command = self.net.command(node, std::path::Path::new(BINARY));
+        let this = &mut self.nodes[node];
+        assert!(this.child.is_none(), "{} already runs", this.name);
+        this.starts += 1;
+        let tls = |file: String| ca.join(file).display().to_string();
+        command
+            .args(["agent", "--node-id", &this.name])
+            .args(["--bind", &format!("{}:{GOSSIP_PORT}", this.addr)])
+            .args(["--http", &format!("{}:{HTTP_PORT}", this.addr)])
+            .arg("--data-dir")
+            .arg(&this.data_dir)
+            .args(["--tls-ca", &tls("ca.pem".to_owned())])
+            .args(["--tls-cert", &tls(format!("{}.pem", this.name))])
+            .args(["--tls-key", &tls(format!("{}-key.pem", this.name))]);
+        for peer in peers.iter().filter(|&&peer| peer != this.addr) {
+            command.args(["--join", &format!("{peer}:{GOSSIP_PORT}")]);
+        }
+        let log = |stream: &str| {
+            let path = logs.join(format!("{}.{}.{stream}", this.name, this.starts));
+            fs::File::create(path).expect("create a log file")
+        };
+        command
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log("stdout"))
+            .stderr(log("stderr"));
+        this.child = Some(command.spawn().expect("spawn ip netns exec mantissa agent"));
+    }
+
+    fn wait_healthy(&mut self, node: usize) -> Result<(), String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.exit_status(node) {
+                let name = &self.nodes[node].name;
+                return Err(format!("{name} exited with {status} instead of starting"));
+            }
+            let healthy = request_once(self.http(node), "GET", "/v1/health", b"")
+                .is_ok_and(|response| response.status == 200);
+            if healthy {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let name = &self.nodes[node].name;
+                return Err(format!("{name} did not answer /v1/health in {PATIENCE:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every node lists every node in `/v1/members`.
+    fn wait_formed(&self) -> Result<(), String> {
+        let deadline = Instant::now() + PATIENCE;
+        let everyone = self.nodes.len();
+        for node in 0..everyone {
+            loop {
+                let members = request_once(self.http(node), "GET", "/v1/members", b"")
+                    .ok()
+                    .filter(|response| response.status == 200)
+                    .map(|response| agent::member_names(&response.json()).len());
+                if members == Some(everyone) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "node {node} lists {members:?} of {everyone} members"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    fn exit_status(&mut self, node: usize) -> Option<ExitStatus> {
+        let child = self.nodes[node].child.as_mut()?;
+        let status = child.try_wait().expect("poll an agent")?;
+        self.nodes[node].child = None;
+        Some(status)
+    }
+
+    fn signal(&self, node: usize, signal: &str) -> Result<(), String> {
+        let this = &self.nodes[node];
+        let pid = this.child.as_ref().map(Child::id);
+        let pid = pid.ok_or_else(|| format!("{} is not running", this.name))?;
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .map_err(|err| format!("run kill: {err}"))?;
+        match sent.success() {
+            true => Ok(()),
+            false => Err(format!("kill {signal} {} ({pid}) failed", this.name)),
+        }
+    }
+
+    /// Applies `fault`, holds it for `hold`, and heals it.
+    fn inflict(&mut self, fault: &Fault, hold: Duration) -> Result<(), String> {
+        let everyone: Vec<usize> = (0..self.nodes.len()).collect();
+        match fault {
+            Fault::Partition { side } => {
+                let other: Vec<usize> = everyone
+                    .iter()
+                    .filter(|n| !side.contains(n))
+                    .copied()
+                    .collect();
+                self.cut(side, &other)?;
+            }
+            Fault::Isolate(node) => {
+                let other: Vec<usize> = everyone.iter().filter(|n| *n != node).copied().collect();
+                self.cut(&[*node], &other)?;
+            }
+            Fault::Loss(percent) => {
+                for &node in &everyone {
+                    let faults = Faults {
+                        loss_percent: *percent,
+                        ..Faults::default()
+                    };
+                    self.net.set_faults(node, &faults)?;
+                }
+            }
+            Fault::Pause(node) => self.signal(*node, "-STOP")?,
+            Fault::Kill(node) => {
+                self.signal(*node, "-KILL")?;
+                self.wait_exit(*node)?;
+            }
+            Fault::Restart(node) => {
+                self.signal(*node, "-TERM")?;
+                let status = self.wait_exit(*node)?;
+                if !status.success() {
+                    let name = &self.nodes[*node].name;
+                    return Err(format!("{name} exited with {status} after SIGTERM, not 0"));
+                }
+            }
+        }
+        std::thread::sleep(hold);
+        match fault {
+            Fault::Pause(node) => self.signal(*node, "-CONT"),
+            Fault::Kill(node) | Fault::Restart(node) => {
+                self.spawn(*node);
+                self.wait_healthy(*node)
+            }
+            _ => self.net.heal(),
+        }
+    }
+
+    /// Drops gossip between every node of `a` and every node of `b`, both ways.
+    fn cut(&self, a: &[usize], b: &[usize]) -> Result<(), String> {
+        let addrs = |nodes: &[usize]| nodes.iter().map(|&n| self.nodes[n].addr).collect();
+        for &node in a {
+            let blocked = addrs(b);
+            self.net.set_faults(
+                node,
+                &Faults {
+                    blocked,
+                    loss_percent: 0,
+                },
+            )?;
+        }
+        for &node in b {
+            let blocked = addrs(a);
+            self.net.set_faults(
+                node,
+                &Faults {
+                    blocked,
+                    loss_percent: 0,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn wait_exit(&mut self, node: usize) -> Result<ExitStatus, String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.exit_status(node) {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let name = &self.nodes[node].name;
+                return Err(format!("{name} did not exit within {PATIENCE:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Removes every network fault, resumes every node and starts any that is down.
+    fn heal(&mut self) -> Result<(), String> {
+        self.net.heal()?;
+        for node in 0..self.nodes.len() {
+            if self.nodes[node].child.is_some() {
+                self.signal(node, "-CONT")?;
+            } else {
+                self.spawn(node);
+                self.wait_healthy(node)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to [`CONVERGENCE`] for every node to report the same version vector and hold
+    /// the same state; returns the states last read (equal unless the deadline passed).
+    fn converge(&self) -> Vec<NodeState> {
+        let deadline = Instant::now() + CONVERGENCE;
+        let started = Instant::now();
+        loop {
+            let versions: Vec<Option<Json>> = (0..self.nodes.len())
+                .map(|node| {
+                    self.read_json(node, "/v1/status")
+                        .map(|s| s["version"].clone())
+                })
+                .collect();
+            let finals: Vec<NodeState> =
+                (0..self.nodes.len()).map(|node| self.state(node)).collect();
+            let same_versions = versions[0].is_some() && versions.iter().all(|v| *v == versions[0]);
+            if same_versions && check::check_convergence(&finals).is_ok() {
+                println!("faults: converged {:.1?} after healing", started.elapsed());
+                return finals;
+            }
+            if Instant::now() > deadline {
+                println!("faults: NOT converged within {CONVERGENCE:?}: versions {versions:?}");
+                return finals;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// What node `node` holds of the workload's keys.
+    fn state(&self, node: usize) -> NodeState {
+        let registers = (0..REGISTER_KEYS)
+            .map(|k| {
+                let key = register_key(k);
+                let read = self.read_json(node, &format!("/v1/kv/{}", encode_path(&key)));
+                (key, read.map(|json| register_of(&json)))
+            })
+            .collect();
+        let counter = self.read_json(node, &format!("/v1/counter/{COUNTER_KEY}"));
+        let set = self.read_json(node, &format!("/v1/set/{SET_KEY}"));
+        NodeState {
+            node,
+            registers,
+            counter: counter.and_then(|json| json["value"].as_i64()),
+            set: set.map(|json| strings(&json["value"])).unwrap_or_default(),
+        }
+    }
+
+    /// `GET path` as JSON; `None` for 404 or any failure (a converging check retries).
+    fn read_json(&self, node: usize, path: &str) -> Option<Json> {
+        let response = request_once(self.http(node), "GET", path, b"").ok()?;
+        (response.status == 200).then(|| response.json())
+    }
+
+    /// Session liveness: once converged, each client's last token is covered at every node.
+    /// A token names writes some node applied; a token that no node can cover any more (its
+    /// writes were lost) would leave its client waiting forever.
+    fn tokens_satisfiable(&self, history: &[Op], tokens: &[Option<String>]) -> Option<Violation> {
+        for (client, token) in tokens.iter().enumerate() {
+            let Some(token) = token else { continue };
+            for node in 0..self.nodes.len() {
+                let path = format!("/v1/status?after={}&wait=10s", encode_query(token));
+                let status = request_once(self.http(node), "GET", &path, b"").map(|r| r.status);
+                if matches!(status, Ok(200)) {
+                    continue;
+                }
+                let last = history
+                    .iter()
+                    .rev()
+                    .find(|op| op.client == client && op.outcome == Outcome::Ok);
+                return Some(Violation {
+                    check: "session tokens stay satisfiable",
+                    detail: format!(
+                        "node {node} answers {status:?} to client {client}'s last token {token} \
+                         after convergence"
+                    ),
+                    ops: last.cloned().into_iter().collect(),
+                });
+            }
+        }
+        None
+    }
+
+    fn log_tails(&self) -> String {
+        let logs = self.files.root().join("logs");
+        let mut text = format!("===== agent logs ({})\n", logs.display());
+        for node in &self.nodes {
+            for start in 1..=node.starts {
+                for stream in ["stdout", "stderr"] {
+                    let path = logs.join(format!("{}.{start}.{stream}", node.name));
+                    let content = fs::read_to_string(&path).unwrap_or_default();
+                    let lines: Vec<&str> = content.lines().collect();
+                    if lines.is_empty() {
+                        continue;
+                    }
+                    let shown = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+                    let _ = writeln!(
+                        text,
+                        "----- {} (last {} lines)",
+                        path.display(),
+                        shown.len()
+                    );
+                    for line in shown {
+                        let _ = writeln!(text, "{line}");
+                    }
+                }
+            }
+        }
+        text
+    }
+}
+
+impl Drop for FaultCluster {
+    fn drop(&mut self) {
+        // SIGKILL ends a stopped process too.
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tails());
+        }
+    }
+}
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+}
+
+/// One client: a session that keeps its latest token, mostly talks to its own node and sometimes
+/// to another, until `stop`. Returns its operations in the order made.
+fn client_loop(
+    client: usize,
+    addrs: &[SocketAddr],
+    seed: u64,
+    start: Instant,
+    stop: &AtomicBool,
+) -> (Vec<Op>, Option<String>) {
+    let mut rng = Rng(seed ^ (client as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F));
+    let mut token: Option<String> = None;
+    let mut history = Vec::new();
+    let mut sequence = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        sequence += 1;
+        let node = match rng.below(100) < 80 {
+            true => client % addrs.len(),
+            false => rng.below(addrs.len() as u64) as usize,
+        };
+        let unique = format!("c{client}-{sequence}");
+        let key = register_key(rng.below(REGISTER_KEYS as u64) as usize);
+        let (method, route, body, action) = match rng.below(6) {
+            0 => {
+                let route = format!("/v1/kv/{}", encode_path(&key));
+                let value = unique.clone();
+                (
+                    "PUT",
+                    route,
+                    unique.into_bytes(),
+                    Action::RegisterWrite { key, value },
+                )
+            }
+            1 => {
+                let route = format!("/v1/kv/{}", encode_path(&key));
+                (
+                    "GET",
+                    route,
+                    Vec::new(),
+                    Action::RegisterRead { key, read: None },
+                )
+            }
+            2 => {
+                let route = format!("/v1/counter/{COUNTER_KEY}");
+                ("POST", route, br#"{"add": 1}"#.to_vec(), Action::CounterAdd)
+            }
+            3 => {
+                let route = format!("/v1/counter/{COUNTER_KEY}");
+                (
+                    "GET",
+                    route,
+                    Vec::new(),
+                    Action::CounterRead { value: None },
+                )
+            }
+            4 => {
+                let route = format!("/v1/set/{SET_KEY}");
+                let body = format!(r#"{{"add": ["{unique}"]}}"#).into_bytes();
+                ("POST", route, body, Action::SetAdd { element: unique })
+            }
+            _ => {
+                let route = format!("/v1/set/{SET_KEY}");
+                ("GET", route, Vec::new(), Action::SetRead { elements: None })
+            }
+        };
+        let path = match &token {
+            Some(token) => format!("{route}?after={}&wait={CLIENT_WAIT}", encode_query(token)),
+            None => route,
+        };
+        let invoked = start.elapsed();
+        let response = request_once(addrs[node], method, &path, &body);
+        let completed = start.elapsed();
+        let (outcome, action, new_token) = interpret(action, response);
+        if let Some(new_token) = new_token {
+            token = Some(new_token);
+        }
+        history.push(Op {
+            client,
+            node,
+            action,
+            invoked,
+            completed,
+            outcome,
+            after: path.contains("?after="),
+        });
+        std::thread::sleep(Duration::from_millis(5 + rng.below(20)));
+    }
+    (history, token)
+}
+
+/// What an answer means for the operation: its outcome, what it read, and its token.
+fn interpret(
+    action: Action,
+    response: std::io::Result<agent::Response>,
+) -> (Outcome, Action, Option<String>) {
+    let is_write = matches!(
+        action,
+        Action::RegisterWrite { .. } | Action::CounterAdd | Action::SetAdd { .. }
+    );
+    let response = match response {
+        Ok(response) => response,
+        Err(_) if is_write => return (Outcome::Indeterminate, action, None),
+        Err(_) => return (Outcome::Fail, action, None),
+    };
+    let json: Option<Json> = serde_json::from_slice(&response.body).ok();
+    let token = json
+        .as_ref()
+        .and_then(|json| json["token"].as_str().map(str::to_owned));
+    let outcome = match response.status {
+        200 => Outcome::Ok,
+        404 if !is_write => Outcome::Ok,
+        400..=499 | 504 => Outcome::Fail,
+        _ if is_write => Outcome::Indeterminate,
+        _ => Outcome::Fail,
+    };
+    if outcome != Outcome::Ok || is_write {
+        return (outcome, action, token.filter(|_| outcome == Outcome::Ok));
+    }
+    let json = json.filter(|_| response.status == 200);
+    let action = match action {
+        Action::RegisterRead { key, .. } => {
+            let read = json.as_ref().map(register_of);
+            Action::RegisterRead { key, read }
+        }
+        Action::CounterRead { .. } => {
+            let value = json.as_ref().and_then(|json| json["value"].as_i64());
+            Action::CounterRead { value }
+        }
+        Action::SetRead { .. } => {
+            let elements = json.as_ref().map(|json| strings(&json["value"]));
+            Action::SetRead { elements }
+        }
+        other => other,
+    };
+    (outcome, action, token)
+}
+
+fn register_key(index: usize) -> String {
+    format!("f/register/{index}")
+}
+
+fn register_of(json: &Json) -> Register {
+    let siblings = json["siblings"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    Register {
+        value: json["value"].as_str().unwrap_or_default().to_owned(),
+        siblings: siblings
+            .iter()
+            .filter_map(|sibling| sibling["value"].as_str().map(str::to_owned))
+            .collect(),
+    }
+}
+
+fn strings(json: &Json) -> BTreeSet<String> {
+    let items = json.as_array().map(Vec::as_slice).unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|item| item.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Counts of operations by kind and outcome, for the log.
+fn summarize(history: &[Op]) -> String {
+    let mut counts: BTreeMap<(&str, Outcome), usize> = BTreeMap::new();
+    for op in history {
+        let kind = match op.action {
+            Action::RegisterWrite { .. } => "register-write",
+            Action::RegisterRead { .. } => "register-read",
+            Action::CounterAdd => "counter-add",
+            Action::CounterRead { .. } => "counter-read",
+            Action::SetAdd { .. } => "set-add",
+            Action::SetRead { .. } => "set-read",
+        };
+        *counts.entry((kind, op.outcome)).or_default() += 1;
+    }
+    let mut text = format!("{} ops", history.len());
+    for ((kind, outcome), count) in counts {
+        let _ = write!(text, ", {kind} {outcome:?} {count}");
+    }
+    text
+}
+
+fn parse_number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+fn clock_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id())
+}
+
+#[test]
+fn a_schedule_is_a_function_of_its_seed() {
+    let a = format!("{:?}", schedule(7, 5, Duration::from_secs(30)));
+    let b = format!("{:?}", schedule(7, 5, Duration::from_secs(30)));
+    let c = format!("{:?}", schedule(8, 5, Duration::from_secs(30)));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
