@@ -108,6 +108,9 @@ struct FaultCluster {
     files: Cluster,
 }
 
+/// How far ahead the last node's wall clock runs, in milliseconds.
+const CLOCK_SKEW_MS: i64 = 90_000;
+
 /// One fault of the schedule.
 #[derive(Clone, Debug)]
 enum Fault {
@@ -340,6 +343,11 @@ impl FaultCluster {
             let path = logs.join(format!("{}.{}.{stream}", this.name, this.starts));
             fs::File::create(path).expect("create a log file")
         };
+        if node + 1 == peers.len() && peers.len() > 1 {
+            // One node's wall clock runs ahead: its timestamps must not let its writes win over
+            // writes that causally follow them (the hybrid logical clock's job).
+            command.env("MANTISSA_DANGER_CLOCK_OFFSET_MS", CLOCK_SKEW_MS.to_string());
+        }
         command
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

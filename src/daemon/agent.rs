@@ -207,6 +207,18 @@ async fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
         }
         None => None,
     };
+    if let Some(offset) = clock_offset()? {
+        tracing::warn!(
+            offset_ms = offset,
+            "{CLOCK_OFFSET_VAR} is set: this node's wall clock is skewed on purpose (testing only)"
+        );
+        node.wall_clock = std::sync::Arc::new(move || {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_millis() as u64);
+            now.saturating_add_signed(offset)
+        });
+    }
     node.storage = config.data_dir.as_ref().map(|dir| StorageConfig {
         discard_corrupt: config.discard_corrupt_data,
         ..StorageConfig::new(dir)
@@ -214,6 +226,21 @@ async fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
     Ok(Prepared {
         node,
         advertise_note,
+    })
+}
+
+/// Skews the node's wall clock by this many milliseconds (positive: ahead), so fault tests can
+/// check that merges do not depend on synchronised clocks. Never for production use.
+const CLOCK_OFFSET_VAR: &str = "MANTISSA_DANGER_CLOCK_OFFSET_MS";
+
+fn clock_offset() -> Result<Option<i64>, AgentError> {
+    let Ok(text) = std::env::var(CLOCK_OFFSET_VAR) else {
+        return Ok(None);
+    };
+    text.trim().parse().map(Some).map_err(|_| {
+        AgentError::Config(format!(
+            "{CLOCK_OFFSET_VAR} {text:?}: not a whole number of milliseconds"
+        ))
     })
 }
 
