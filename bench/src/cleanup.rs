@@ -1,0 +1,55 @@
+//! What to remove when the run is interrupted: child processes and scratch directories.
+//!
+//! Every process the harness starts and every directory it creates is registered here. Normal
+//! exits clean up through `Drop` (the guards unregister what they removed); a ctrl-c or SIGTERM
+//! runs [`interrupted`] instead, which kills the registered processes, removes the directories
+//! and exits with status 130.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Installs the ctrl-c / SIGTERM handler.
+pub fn install() -> Result<(), String> {
+    ctrlc::set_handler(interrupted).map_err(|err| format!("cannot install a ctrl-c handler: {err}"))
+}
+
+pub fn register_pid(pid: u32) {
+    lock(&PIDS).push(pid);
+}
+
+pub fn unregister_pid(pid: u32) {
+    lock(&PIDS).retain(|&registered| registered != pid);
+}
+
+pub fn register_dir(dir: &Path) {
+    lock(&DIRS).push(dir.to_path_buf());
+}
+
+pub fn unregister_dir(dir: &Path) {
+    lock(&DIRS).retain(|registered| registered != dir);
+}
+
+fn interrupted() {
+    eprintln!("\ninterrupted: stopping every process this run started");
+    for pid in lock(&PIDS).drain(..) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+    for dir in lock(&DIRS).drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    std::process::exit(130);
+}
+
+/// The lock even when a panicking thread poisoned it: the lists stay valid.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
