@@ -10,6 +10,8 @@
 //! - `runtime` (feature `runtime`, on by default): QUIC with mutual TLS and the embedded node,
 //!   started with `runtime::start` and used through a cloneable `runtime::Handle`; durable
 //!   storage of the replica with `NodeConfig::storage`.
+//! - [`sched`]: leaderless scheduling over the keyspace — node records, jobs, claims, admission by
+//!   each machine alone, rendezvous re-placement, escrow quotas. Pure.
 //! - `daemon` (feature `cli`): the `mantissa agent` daemon, its HTTP/JSON API and client.
 
 #![forbid(unsafe_code)]
@@ -20,3 +22,4 @@ pub mod daemon;
 pub mod gossip;
 #[cfg(feature = "runtime")]
 pub mod runtime;
+pub mod sched;

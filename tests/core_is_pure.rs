@@ -40,6 +40,7 @@ const FORBIDDEN_IN_PROTOCOL: &[&str] = &[
 #[test]
 fn the_crdt_module_uses_no_io_clock_or_randomness() {
     check("src/crdt", FORBIDDEN);
+    check("src/sched", FORBIDDEN);
 }
 
 #[test]

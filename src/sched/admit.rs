@@ -1,0 +1,325 @@
+//! A machine's admission round: release what it must, decide the claims made on it, and write
+//! its ledger, its quota shares and the removal of the claims it decided.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::crdt::{Delta, Hlc, Replica};
+use crate::gossip::MemberName;
+use crate::sched::admission::refit;
+use crate::sched::{
+    AdmissionContext, Allocation, AllocationId, Claim, ClusterView, Decision, Escrow, Ledger, Name,
+    NodeRecord, Put, RejectReason, Rejection, SchedError, TaskId, keys, resolve,
+};
+
+/// What [`Cluster::admit`](crate::sched::Cluster::admit) did.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The claims decided this round.
+    pub decision: Decision,
+    /// Allocations the machine gave up this round: stop these tasks.
+    pub released: Vec<Release>,
+    /// The writes made, to send to peers.
+    pub deltas: Vec<Delta>,
+}
+
+/// An allocation a machine gave up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    /// The allocation.
+    pub allocation: Allocation,
+    /// Why.
+    pub cause: ReleaseCause,
+}
+
+/// Why a machine gave up an allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReleaseCause {
+    /// The job was stopped, or its group shrank below this instance.
+    JobGone,
+    /// Another live machine admitted the same task earlier; its allocation wins.
+    LostTieBreak(AllocationId),
+    /// The machine's capacity shrank below what it held.
+    Evicted,
+    /// The machine's node record is gone.
+    NodeGone,
+}
+
+/// The inputs of one admission round on a machine, derived from a view.
+struct Round {
+    record: Option<NodeRecord>,
+    previous: Ledger,
+    kept: Vec<Allocation>,
+    released: Vec<Release>,
+    /// Undecided claims for tasks the jobs still ask for.
+    claims: Vec<Claim>,
+    /// Claims to delete without a decision: already decided, or for tasks nobody asks for.
+    obsolete: Vec<Claim>,
+    /// Tasks some live machine holds (this one included).
+    held: BTreeSet<TaskId>,
+    wanted: BTreeSet<TaskId>,
+    context: AdmissionContext,
+}
+
+impl Round {
+    fn new(view: &ClusterView, node: &MemberName, live: &BTreeSet<MemberName>) -> Round {
+        let mut live = live.clone();
+        live.insert(node.clone());
+        let winners = view.allocations(&view.live_nodes(&live));
+        let wanted: BTreeSet<TaskId> = view.wanted().into_keys().collect();
+        let record = view.nodes.get(node).cloned();
+        let previous = view
+            .ledgers
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| Ledger::empty(node.clone()));
+
+        let mut kept = Vec::new();
+        let mut released = Vec::new();
+        for allocation in &previous.admitted {
+            let cause = match winners.get(&allocation.task) {
+                _ if record.is_none() => Some(ReleaseCause::NodeGone),
+                _ if !wanted.contains(&allocation.task) => Some(ReleaseCause::JobGone),
+                Some(winner) if winner.node != *node => {
+                    Some(ReleaseCause::LostTieBreak(winner.id()))
+                }
+                _ => None,
+            };
+            match cause {
+                Some(cause) => released.push(Release {
+                    allocation: allocation.clone(),
+                    cause,
+                }),
+                None => kept.push(allocation.clone()),
+            }
+        }
+        if let Some(record) = &record {
+            let (fitting, evicted) = refit(&record.capacity, kept);
+            kept = fitting;
+            released.extend(evicted.into_iter().map(|allocation| Release {
+                allocation,
+                cause: ReleaseCause::Evicted,
+            }));
+        }
+
+        let (claims, obsolete) = view
+            .claims
+            .get(node)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .partition(|claim| !previous.decided(claim) && wanted.contains(&claim.task));
+        let context = AdmissionContext {
+            held_elsewhere: winners
+                .values()
+                .filter(|winner| winner.node != *node)
+                .map(|winner| winner.task.clone())
+                .collect(),
+            quota_rights: view
+                .quotas
+                .iter()
+                .map(|(namespace, escrow)| {
+                    let used = usage(&kept, namespace);
+                    (namespace.clone(), escrow.rights(node).saturating_sub(used))
+                })
+                .collect(),
+        };
+        Round {
+            record,
+            previous,
+            kept,
+            released,
+            claims,
+            obsolete,
+            held: winners.into_keys().collect(),
+            wanted,
+            context,
+        }
+    }
+
+    fn decide(&self) -> Decision {
+        resolve(
+            self.record.as_ref(),
+            &self.claims,
+            &self.kept,
+            &self.context,
+        )
+    }
+
+    /// The ledger after `decision`, whose admissions and rejections are stamped `at`.
+    fn ledger(&self, decision: &Decision, at: Hlc) -> Ledger {
+        let mut admitted = self.kept.clone();
+        admitted.extend(
+            decision
+                .admitted
+                .iter()
+                .map(|claim| Allocation::admit(claim, at)),
+        );
+        let fresh: BTreeMap<&TaskId, Rejection> = decision
+            .rejected
+            .iter()
+            .map(|rejected| {
+                let claim = &rejected.claim;
+                let rejection = Rejection {
+                    task: claim.task.clone(),
+                    claim: claim.at,
+                    scheduler: claim.scheduler.clone(),
+                    attempt: claim.attempt,
+                    reason: rejected.reason.clone(),
+                    at,
+                };
+                (&claim.task, rejection)
+            })
+            .collect();
+        let admitted_now: BTreeSet<&TaskId> = admitted.iter().map(|a| &a.task).collect();
+        // A rejection is remembered while its task still waits for a machine: it steers the
+        // next claim elsewhere and sets the backoff.
+        let still_waiting = |task: &TaskId| {
+            self.wanted.contains(task) && !self.held.contains(task) && !admitted_now.contains(task)
+        };
+        let mut rejected: Vec<Rejection> = self
+            .previous
+            .rejected
+            .iter()
+            .filter(|old| !fresh.contains_key(&old.task))
+            .cloned()
+            .collect();
+        rejected.extend(fresh.into_values());
+        rejected.retain(|rejection| still_waiting(&rejection.task));
+        rejected.sort_by(|a, b| a.task.cmp(&b.task));
+        let mut ledger = Ledger {
+            node: self.previous.node.clone(),
+            generation: self.previous.generation,
+            capacity: self
+                .record
+                .as_ref()
+                .map_or_else(Default::default, |record| record.capacity.clone()),
+            admitted,
+            rejected,
+        };
+        ledger.normalize();
+        ledger
+    }
+}
+
+/// CPU millis `allocations` hold in `namespace`.
+fn usage<'a>(allocations: impl IntoIterator<Item = &'a Allocation>, namespace: &Name) -> u64 {
+    allocations
+        .into_iter()
+        .filter(|allocation| allocation.namespace == *namespace)
+        .fold(0, |sum, allocation| {
+            sum.saturating_add(allocation.resources.cpu_millis)
+        })
+}
+
+/// CPU millis `claims` ask for in `namespace`.
+fn claimed_cpu(claims: &[Claim], namespace: &Name) -> u64 {
+    claims
+        .iter()
+        .filter(|claim| claim.namespace == *namespace)
+        .fold(0, |sum, claim| {
+            sum.saturating_add(claim.resources.cpu_millis)
+        })
+}
+
+/// The writes of `node`'s share of one quota around its ledger write, given the quota CPU its
+/// new ledger uses and the quota CPU of the claims it refused for lack of rights: the write to
+/// make before the ledger (consumption up, requests, grants) and the one after (consumption
+/// down).
+fn share_writes(
+    escrow: &Escrow,
+    node: &MemberName,
+    usage: u64,
+    refused: u64,
+    live: &BTreeSet<MemberName>,
+) -> Result<(Option<Put>, Option<Put>), SchedError> {
+    let mut share = escrow.share(node);
+    let before = share.clone();
+    if usage > share.consumed {
+        escrow.set_consumed(node, &mut share, usage)?;
+    }
+    // Ask first, so that a machine short of rights this round does not give them away to a
+    // member that would then have to give them back.
+    let deficit = refused.saturating_sub(escrow.spare(node, &share));
+    escrow.request(node, &mut share, deficit, live);
+    escrow.answer(node, &mut share, live);
+    let first = (share != before).then(|| escrow.put(node, &share));
+    let second = (usage < share.consumed).then(|| {
+        share.consumed = usage;
+        escrow.put(node, &share)
+    });
+    Ok((first, second))
+}
+
+/// The decision `node` would take now, computed from `view`: the same one it takes if its own
+/// replica holds the same state.
+pub(crate) fn predict(
+    view: &ClusterView,
+    node: &MemberName,
+    live: &BTreeSet<MemberName>,
+) -> Decision {
+    Round::new(view, node, live).decide()
+}
+
+/// Runs one admission round of `node` on its own replica.
+pub(crate) fn admit(
+    replica: &mut Replica,
+    node: &MemberName,
+    live: &BTreeSet<MemberName>,
+    now_millis: u64,
+) -> Result<Admitted, SchedError> {
+    let view = ClusterView::read(replica)?;
+    let round = Round::new(&view, node, live);
+    let decision = round.decide();
+    let mut deltas = Vec::new();
+
+    // Consumption rises before the ledger that uses it and falls after the ledger that frees it,
+    // so any replica that holds a ledger holds a share that covers it.
+    let mut after_ledger = Vec::new();
+    for (namespace, escrow) in &view.quotas {
+        let usage = usage(&round.kept, namespace)
+            .saturating_add(claimed_cpu(&decision.admitted, namespace));
+        let quota_refused: Vec<Claim> = decision
+            .rejected
+            .iter()
+            .filter(|rejected| rejected.reason == RejectReason::OutOfQuota(namespace.clone()))
+            .map(|rejected| rejected.claim.clone())
+            .collect();
+        let refused = claimed_cpu(&quota_refused, namespace);
+        let (before, after) = share_writes(escrow, node, usage, refused, live)?;
+        if let Some(put) = before {
+            deltas.push(replica.put(put.key, put.value, now_millis)?);
+        }
+        after_ledger.extend(after);
+    }
+
+    let at = keys::next_timestamp(replica, now_millis);
+    let mut ledger = round.ledger(&decision, at);
+    let changed = Ledger {
+        generation: round.previous.generation,
+        ..ledger.clone()
+    } != round.previous;
+    if changed {
+        ledger.generation = round.previous.generation + 1;
+        let value = keys::encode(&ledger);
+        deltas.push(replica.put(keys::ledger(node), value, now_millis)?);
+    }
+    for put in after_ledger {
+        deltas.push(replica.put(put.key, put.value, now_millis)?);
+    }
+
+    let decided = decision
+        .admitted
+        .iter()
+        .chain(decision.rejected.iter().map(|rejected| &rejected.claim));
+    for claim in decided.chain(&round.obsolete) {
+        if let Some(delta) = replica.delete(keys::claim(node, &claim.task), now_millis)? {
+            deltas.push(delta);
+        }
+    }
+    Ok(Admitted {
+        decision,
+        released: round.released,
+        deltas,
+    })
+}
