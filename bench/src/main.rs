@@ -34,7 +34,7 @@ usage: cargo run --release --manifest-path bench/Cargo.toml -- [--quick] [--out 
   SCENARIO       write, read, visibility, watch (default: all of them)
                  partition, bandwidth, scheduling: not built yet
 
-environment: MANTISSA_BIN (default: ../target/release/mantissa relative to bench/),
+environment: MANTISSA_BIN (default: release/mantissa in CARGO_TARGET_DIR, else ../target/release/mantissa relative to bench/),
              ETCD_BIN (default: etcd on the PATH)";
 
 const CONSISTENCY: &str = "\
@@ -163,11 +163,18 @@ fn run(options: &Options) -> Result<(), String> {
     alive
 }
 
-/// The mantissa binary: `MANTISSA_BIN`, else `../target/release/mantissa` relative to bench/.
+/// The mantissa binary: `MANTISSA_BIN`, else `release/mantissa` in `CARGO_TARGET_DIR`, else
+/// `../target/release/mantissa` relative to bench/.
 fn mantissa_binary() -> Result<PathBuf, String> {
-    let path = match std::env::var_os("MANTISSA_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/mantissa"),
+    let path = match (
+        std::env::var_os("MANTISSA_BIN"),
+        std::env::var_os("CARGO_TARGET_DIR"),
+    ) {
+        (Some(path), _) => PathBuf::from(path),
+        (None, Some(target)) => PathBuf::from(target).join("release/mantissa"),
+        (None, None) => {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/mantissa")
+        }
     };
     if path.is_file() {
         Ok(path)
