@@ -50,8 +50,6 @@ const CLIENT_WAIT: &str = "3s";
 const REGISTER_KEYS: usize = 3;
 const COUNTER_KEY: &str = "f/counter";
 const SET_KEY: &str = "f/set";
-/// Log lines shown per agent start when a check fails.
-const LOG_TAIL_LINES: usize = 40;
 
 #[test]
 fn faults_keep_acknowledged_writes_sessions_and_convergence() {
@@ -613,21 +611,7 @@ impl FaultCluster {
             for start in 1..=node.starts {
                 for stream in ["stdout", "stderr"] {
                     let path = logs.join(format!("{}.{start}.{stream}", node.name));
-                    let content = fs::read_to_string(&path).unwrap_or_default();
-                    let lines: Vec<&str> = content.lines().collect();
-                    if lines.is_empty() {
-                        continue;
-                    }
-                    let shown = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-                    let _ = writeln!(
-                        text,
-                        "----- {} (last {} lines)",
-                        path.display(),
-                        shown.len()
-                    );
-                    for line in shown {
-                        let _ = writeln!(text, "{line}");
-                    }
+                    agent::append_tail(&mut text, &path);
                 }
             }
         }

@@ -179,9 +179,11 @@ type Reply<T> = oneshot::Sender<Result<T, HandleError>>;
 type WriteOp = Box<dyn FnOnce(&mut Replica, u64) -> Result<Option<Delta>, crdt::Error> + Send>;
 type ReadOp = Box<dyn FnOnce(&Replica) -> Result<ReadResult, crdt::Error> + Send>;
 
+/// A read's result, with a token when the caller asked for one (computing it copies the
+/// version vector, which plain reads skip).
 enum ReadResult {
-    One(Option<Value>, Token),
-    Many(Vec<(Key, Value)>, Token),
+    One(Option<Value>, Option<Token>),
+    Many(Vec<(Key, Value)>, Option<Token>),
 }
 
 enum Command {
@@ -391,7 +393,16 @@ impl Handle {
 
     /// The value at `key`, as this node's replica holds it now.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, HandleError> {
-        self.read_key(key).await.map(|(value, _)| value)
+        let key = Key::new(key)?;
+        match self
+            .read(Box::new(move |replica| {
+                Ok(ReadResult::One(replica.get(&key)?, None))
+            }))
+            .await?
+        {
+            ReadResult::One(value, _) => Ok(value),
+            ReadResult::Many(..) => unreachable_read(),
+        }
     }
 
     /// Like [`Handle::get`], with a token covering everything this node had applied when it
@@ -403,12 +414,15 @@ impl Handle {
         let key = Key::new(key)?;
         match self
             .read(Box::new(move |replica| {
-                Ok(ReadResult::One(replica.get(&key)?, replica_token(replica)))
+                Ok(ReadResult::One(
+                    replica.get(&key)?,
+                    Some(replica_token(replica)),
+                ))
             }))
             .await?
         {
-            ReadResult::One(value, token) => Ok((value, token)),
-            ReadResult::Many(..) => unreachable_read(),
+            ReadResult::One(value, Some(token)) => Ok((value, token)),
+            _ => unreachable_read(),
         }
     }
 
@@ -418,9 +432,16 @@ impl Handle {
         prefix: impl AsRef<[u8]>,
         limit: usize,
     ) -> Result<Vec<(Key, Value)>, HandleError> {
-        self.list_after(prefix, None, limit)
-            .await
-            .map(|(items, _)| items)
+        let prefix = prefix.as_ref().to_vec();
+        match self
+            .read(Box::new(move |replica| {
+                Ok(ReadResult::Many(replica.range(&prefix, limit)?, None))
+            }))
+            .await?
+        {
+            ReadResult::Many(items, _) => Ok(items),
+            ReadResult::One(..) => unreachable_read(),
+        }
     }
 
     /// Up to `limit` keys under `prefix` that sort after `after` (to page through a large
@@ -435,12 +456,12 @@ impl Handle {
         match self
             .read(Box::new(move |replica| {
                 let items = replica.range_after(&prefix, after.as_ref(), limit)?;
-                Ok(ReadResult::Many(items, replica_token(replica)))
+                Ok(ReadResult::Many(items, Some(replica_token(replica))))
             }))
             .await?
         {
-            ReadResult::Many(items, token) => Ok((items, token)),
-            ReadResult::One(..) => unreachable_read(),
+            ReadResult::Many(items, Some(token)) => Ok((items, token)),
+            _ => unreachable_read(),
         }
     }
 

@@ -436,21 +436,7 @@ impl Cluster {
         let mut text = String::new();
         for start in 1..=agent.starts {
             for path in <[PathBuf; 2]>::from(agent.log_files(&self.root.join("logs"), start)) {
-                let content = fs::read_to_string(&path).unwrap_or_default();
-                if content.is_empty() {
-                    continue;
-                }
-                let lines: Vec<&str> = content.lines().collect();
-                let shown = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-                let _ = writeln!(
-                    text,
-                    "----- {} (last {} lines)",
-                    path.display(),
-                    shown.len()
-                );
-                for line in shown {
-                    let _ = writeln!(text, "{line}");
-                }
+                append_tail(&mut text, &path);
             }
         }
         text
@@ -1126,4 +1112,24 @@ fn is_timeout(err: &io::Error) -> bool {
         err.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+/// Appends the last lines of the log file at `path` to `text`, under a header naming it; nothing
+/// for a missing or empty file.
+pub fn append_tail(text: &mut String, path: &Path) {
+    let content = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = content.lines().collect();
+    if lines.is_empty() {
+        return;
+    }
+    let shown = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    let _ = writeln!(
+        text,
+        "----- {} (last {} lines)",
+        path.display(),
+        shown.len()
+    );
+    for line in shown {
+        let _ = writeln!(text, "{line}");
+    }
 }
