@@ -320,15 +320,40 @@ impl Node {
     /// Makes a local write with `op` and disseminates the delta it returns.
     ///
     /// Returns the write's dot, or `None` when `op` wrote nothing (a delete of an absent key).
-    pub fn write(
+    pub fn write<E>(
         &mut self,
         now: Instant,
-        op: impl FnOnce(&mut Replica) -> Result<Option<Delta>, crdt::Error>,
-    ) -> Result<Option<Dot>, crdt::Error> {
+        op: impl FnOnce(&mut Replica) -> Result<Option<Delta>, E>,
+    ) -> Result<Option<Dot>, E> {
         self.now = self.now.max(now);
         let Some(delta) = op(&mut self.replica)? else {
             return Ok(None);
         };
+        Ok(self.disseminate(delta))
+    }
+
+    /// Makes several local writes with `op` (a scheduling round, say) and disseminates every
+    /// delta it returns, in order. Returns what `op` returned besides the deltas, and the dot of
+    /// its last write.
+    ///
+    /// `op` must return every delta it made: a write it keeps to itself still reaches peers by
+    /// anti-entropy, but late, and storage only at the next checkpoint.
+    pub fn write_many<T, E>(
+        &mut self,
+        now: Instant,
+        op: impl FnOnce(&mut Replica) -> Result<(T, Vec<Delta>), E>,
+    ) -> Result<(T, Option<Dot>), E> {
+        self.now = self.now.max(now);
+        let (output, deltas) = op(&mut self.replica)?;
+        let mut last = None;
+        for delta in deltas {
+            last = self.disseminate(delta).or(last);
+        }
+        Ok((output, last))
+    }
+
+    /// Journals a local write's delta and queues it for the next push.
+    fn disseminate(&mut self, delta: Delta) -> Option<Dot> {
         let dot = delta.dot();
         if let Some(journal) = &mut self.journal {
             journal.push_back(delta.clone());
@@ -337,7 +362,7 @@ impl Node {
             self.recent.insert(dot, delta.clone());
             self.outgoing.push(delta);
         }
-        Ok(dot)
+        dot
     }
 
     /// Handles a message from the peer whose certificate proves it is `from`, reached at `addr`.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -17,6 +17,7 @@ use crate::crdt::{
     VersionVector,
 };
 use crate::gossip::{self, Member, MemberName, Node, Transmit};
+use crate::runtime::scheduling::{self, Roles, RoundReport, SchedulingView};
 use crate::runtime::storage::{Ack, Storage};
 use crate::runtime::{
     Channel, Inbox, StorageConfig, StorageError, StorageStats, TlsConfig, Transport,
@@ -94,6 +95,30 @@ pub enum HandleError {
     /// The write was applied in memory (and may reach peers) but could not be made durable here.
     #[error("the write could not be made durable: {0}")]
     Storage(String),
+    /// The key lies under the scheduling prefix, where only the scheduling API writes;
+    /// nothing changed.
+    #[error(
+        "key {key:?} is reserved for scheduling (prefix {prefix:?}); use the scheduling API (jobs, nodes) instead"
+    )]
+    Reserved {
+        /// The refused key, as text (invalid UTF-8 replaced).
+        key: String,
+        /// The reserved prefix.
+        prefix: &'static str,
+    },
+    /// A scheduling request was refused (an invalid job, a record of another machine, …);
+    /// nothing changed.
+    #[error(transparent)]
+    Sched(crate::sched::SchedError),
+}
+
+impl From<crate::sched::SchedError> for HandleError {
+    fn from(err: crate::sched::SchedError) -> Self {
+        match err {
+            crate::sched::SchedError::Store(err) => HandleError::Crdt(err),
+            other => HandleError::Sched(other),
+        }
+    }
 }
 
 /// Why a node could not start.
@@ -175,23 +200,26 @@ impl futures_core::Stream for Watch {
     }
 }
 
-type Reply<T> = oneshot::Sender<Result<T, HandleError>>;
-type WriteOp = Box<dyn FnOnce(&mut Replica, u64) -> Result<Option<Delta>, crdt::Error> + Send>;
+pub(super) type Reply<T> = oneshot::Sender<Result<T, HandleError>>;
+type WriteOp = Box<dyn FnOnce(&mut Replica, u64) -> Result<Option<Delta>, HandleError> + Send>;
 type ReadOp = Box<dyn FnOnce(&Replica) -> Result<ReadResult, crdt::Error> + Send>;
 
 /// A read's result, with a token when the caller asked for one (computing it copies the
 /// version vector, which plain reads skip).
-enum ReadResult {
+pub(super) enum ReadResult {
     One(Option<Value>, Option<Token>),
     Many(Vec<(Key, Value)>, Option<Token>),
 }
 
-enum Command {
+pub(super) enum Command {
     Write(WriteOp, Reply<Option<Token>>),
     Read(ReadOp, Reply<ReadResult>),
     Wait(Token, Instant, Reply<()>),
     Watch(Vec<u8>, Option<u64>, Reply<Watch>),
     Status(Reply<Status>),
+    Round(Roles, bool, Reply<RoundReport>),
+    Scheduling(Reply<SchedulingView>),
+    Nudge(Arc<Notify>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -304,6 +332,7 @@ fn launch(
         cursor: 0,
         storage,
         unsaved: Vec::new(),
+        nudges: Vec::new(),
     };
     tokio::spawn(driver.run(receiver, inbox));
     Ok(Handle {
@@ -332,15 +361,17 @@ impl Handle {
     ) -> Result<Token, HandleError> {
         let key = Key::new(key)?;
         let value = value.into();
-        self.write(move |replica, now| replica.put(key, value, now).map(Some))
-            .await
-            .map(expect_token)
+        self.write(&key.clone(), move |replica, now| {
+            replica.put(key, value, now).map(Some)
+        })
+        .await
+        .map(expect_token)
     }
 
     /// Deletes `key`; `None` when it held nothing.
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<Option<Token>, HandleError> {
         let key = Key::new(key)?;
-        self.write(move |replica, now| replica.delete(key, now))
+        self.write(&key.clone(), move |replica, now| replica.delete(key, now))
             .await
     }
 
@@ -351,9 +382,11 @@ impl Handle {
         amount: i64,
     ) -> Result<Token, HandleError> {
         let key = Key::new(key)?;
-        self.write(move |replica, now| replica.counter_add(key, amount, now).map(Some))
-            .await
-            .map(expect_token)
+        self.write(&key.clone(), move |replica, now| {
+            replica.counter_add(key, amount, now).map(Some)
+        })
+        .await
+        .map(expect_token)
     }
 
     /// Adds elements to the set at `key`.
@@ -363,9 +396,11 @@ impl Handle {
         elements: Vec<Vec<u8>>,
     ) -> Result<Token, HandleError> {
         let key = Key::new(key)?;
-        self.write(move |replica, now| replica.set_add(key, elements, now).map(Some))
-            .await
-            .map(expect_token)
+        self.write(&key.clone(), move |replica, now| {
+            replica.set_add(key, elements, now).map(Some)
+        })
+        .await
+        .map(expect_token)
     }
 
     /// Removes elements from the set at `key`; `None` when none was present.
@@ -375,8 +410,10 @@ impl Handle {
         elements: Vec<Vec<u8>>,
     ) -> Result<Option<Token>, HandleError> {
         let key = Key::new(key)?;
-        self.write(move |replica, now| replica.set_remove(key, &elements, now))
-            .await
+        self.write(&key.clone(), move |replica, now| {
+            replica.set_remove(key, &elements, now)
+        })
+        .await
     }
 
     /// Applies a JSON merge patch (RFC 7396) to the document at `key`.
@@ -386,9 +423,11 @@ impl Handle {
         patch: serde_json::Value,
     ) -> Result<Token, HandleError> {
         let key = Key::new(key)?;
-        self.write(move |replica, now| replica.document_patch(key, &patch, now).map(Some))
-            .await
-            .map(expect_token)
+        self.write(&key.clone(), move |replica, now| {
+            replica.document_patch(key, &patch, now).map(Some)
+        })
+        .await
+        .map(expect_token)
     }
 
     /// The value at `key`, as this node's replica holds it now.
@@ -519,12 +558,39 @@ impl Handle {
         answer.await.map_err(|_| HandleError::Stopped)
     }
 
+    /// A key-value write of a client: refused under the scheduling prefix.
     async fn write(
         &self,
+        key: &Key,
         op: impl FnOnce(&mut Replica, u64) -> Result<Option<Delta>, crdt::Error> + Send + 'static,
+    ) -> Result<Option<Token>, HandleError> {
+        if crate::sched::is_reserved(key.as_bytes()) {
+            return Err(HandleError::Reserved {
+                key: String::from_utf8_lossy(key.as_bytes()).into_owned(),
+                prefix: crate::sched::RESERVED,
+            });
+        }
+        self.write_any(move |replica, now| op(replica, now).map_err(HandleError::from))
+            .await
+    }
+
+    /// Any write, the scheduling API's included.
+    pub(super) async fn write_any(
+        &self,
+        op: impl FnOnce(&mut Replica, u64) -> Result<Option<Delta>, HandleError> + Send + 'static,
     ) -> Result<Option<Token>, HandleError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Write(Box::new(op), reply)).await?;
+        answer.await.map_err(|_| HandleError::Stopped)?
+    }
+
+    /// Sends a command and waits for its answer.
+    pub(super) async fn ask<T>(
+        &self,
+        command: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, HandleError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(command(reply)).await?;
         answer.await.map_err(|_| HandleError::Stopped)?
     }
 
@@ -534,7 +600,7 @@ impl Handle {
         answer.await.map_err(|_| HandleError::Stopped)?
     }
 
-    async fn send(&self, command: Command) -> Result<(), HandleError> {
+    pub(super) async fn send(&self, command: Command) -> Result<(), HandleError> {
         self.commands
             .send(command)
             .await
@@ -571,6 +637,8 @@ struct Driver {
     storage: Option<Storage>,
     /// Local writes applied but not yet handed to storage, answered once durable.
     unsaved: Vec<Ack>,
+    /// Woken when scheduling keys or membership change, so scheduler loops run a round.
+    nudges: Vec<Arc<Notify>>,
 }
 
 struct Watcher {
@@ -664,11 +732,7 @@ impl Driver {
                             }));
                     }
                     result => {
-                        let _ = reply.send(
-                            result
-                                .map(|dot| dot.map(Token::from_dot))
-                                .map_err(HandleError::from),
-                        );
+                        let _ = reply.send(result.map(|dot| dot.map(Token::from_dot)));
                     }
                 }
             }
@@ -688,6 +752,14 @@ impl Driver {
             Command::Status(reply) => {
                 let _ = reply.send(Ok(self.status()));
             }
+            Command::Round(roles, gated, reply) => {
+                let wall = (self.wall_clock)();
+                let _ = reply.send(scheduling::round(&mut self.node, roles, gated, wall, now));
+            }
+            Command::Scheduling(reply) => {
+                let _ = reply.send(scheduling::view(&self.node));
+            }
+            Command::Nudge(notify) => self.nudges.push(notify),
             Command::Shutdown(_) => {}
         }
     }
@@ -712,6 +784,7 @@ impl Driver {
             self.dispatch(transmit);
         }
         while let Some(event) = self.node.poll_event() {
+            self.nudge();
             match event {
                 gossip::Event::MemberUp(member) => {
                     info!(member = %member.name, addr = %member.addr, "member up")
@@ -790,22 +863,38 @@ impl Driver {
         Watch { events: receiver }
     }
 
+    /// Wakes the scheduler loops; forgets those that ended.
+    fn nudge(&mut self) {
+        self.nudges.retain(|notify| Arc::strong_count(notify) > 1);
+        for notify in &self.nudges {
+            notify.notify_one();
+        }
+    }
+
     fn serve_watchers(&mut self) {
         let replica = self.node.replica();
-        let fresh: Vec<ChangeEvent> = match replica.events_since(self.cursor) {
-            Ok(events) => events.cloned().collect(),
+        let latest = replica.cursor();
+        let fresh: Option<Vec<ChangeEvent>> = replica
+            .events_since(self.cursor)
+            .ok()
+            .map(|events| events.cloned().collect());
+        self.cursor = latest;
+        let Some(fresh) = fresh else {
             // More changes than the feed holds arrived at once: every watcher lost some.
-            Err(_) => {
-                for watcher in self.watchers.drain(..) {
-                    let _ = watcher
-                        .events
-                        .try_send(Err(WatchError::Lagged(WATCH_QUEUE)));
-                }
-                self.cursor = replica.cursor();
-                return;
+            self.nudge();
+            for watcher in self.watchers.drain(..) {
+                let _ = watcher
+                    .events
+                    .try_send(Err(WatchError::Lagged(WATCH_QUEUE)));
             }
+            return;
         };
-        self.cursor = replica.cursor();
+        if fresh
+            .iter()
+            .any(|event| crate::sched::is_reserved(event.key.as_bytes()))
+        {
+            self.nudge();
+        }
         self.watchers.retain(|watcher| {
             for event in fresh
                 .iter()

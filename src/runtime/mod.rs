@@ -1,6 +1,7 @@
 //! The runtime layer: tokio and quinn drive the protocol state machine.
 
 mod handle;
+mod scheduling;
 mod storage;
 mod tls;
 mod transport;
@@ -9,6 +10,7 @@ pub use handle::{
     Handle, HandleError, NodeConfig, StartError, Status, WallClock, Watch, WatchError, start,
     start_on, start_with,
 };
+pub use scheduling::{Roles, RoundReport, Scheduler, SchedulerConfig, SchedulingView, SyncState};
 pub use storage::{StorageConfig, StorageError, StorageStats};
 pub use tls::{ClusterCa, NodeCredentials, TlsConfig, TlsError, validate_node_name};
 pub use transport::{

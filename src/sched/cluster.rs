@@ -654,21 +654,21 @@ mod tests {
         let mut replica = Replica::new(NodeId(1));
         let key = |text: &str| Key::new(text).expect("valid");
         replica
-            .put(key("nodes/n1"), b"not json".to_vec(), 1)
+            .put(key("_sched/nodes/n1"), b"not json".to_vec(), 1)
             .expect("writes");
         replica
-            .put(key("nodes/BAD"), b"{}".to_vec(), 1)
+            .put(key("_sched/nodes/BAD"), b"{}".to_vec(), 1)
             .expect("writes");
-        replica.counter_add(key("jobs/web"), 1, 1).expect("writes");
+        replica.counter_add(key("_sched/jobs/web"), 1, 1).expect("writes");
         replica
             .put(
-                key("alloc/n1"),
+                key("_sched/alloc/n1"),
                 br#"{"node":"n2","generation":1,"capacity":{},"admitted":[]}"#.to_vec(),
                 1,
             )
             .expect("writes");
         replica
-            .put(key("claims/n1/web"), b"{}".to_vec(), 1)
+            .put(key("_sched/claims/n1/web"), b"{}".to_vec(), 1)
             .expect("writes");
         let view = Cluster::new(&mut replica).view().expect("reads");
         assert_eq!(view.ignored.len(), 5);

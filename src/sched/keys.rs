@@ -8,23 +8,33 @@ use crate::crdt::{Hlc, HlcClock, Key, Replica};
 use crate::gossip::MemberName;
 use crate::sched::{Name, TaskId};
 
-/// `nodes/<node>`: a [`NodeRecord`](crate::sched::NodeRecord), written by the node.
-pub const NODES: &str = "nodes/";
-/// `schedulers/<member>`: a [`SchedulerRecord`](crate::sched::SchedulerRecord), written by the
+/// The prefix of every scheduling key. Only the scheduling API writes under it: clients' key-value
+/// writes there are refused (see [`is_reserved`]), so a user's own `nodes/…` keys never collide
+/// with a machine's record.
+pub const RESERVED: &str = "_sched/";
+
+/// Whether `key` lies under the scheduling prefix, where only the scheduling API writes.
+pub fn is_reserved(key: &[u8]) -> bool {
+    key.starts_with(RESERVED.as_bytes())
+}
+
+/// `_sched/nodes/<node>`: a [`NodeRecord`](crate::sched::NodeRecord), written by the node.
+pub const NODES: &str = "_sched/nodes/";
+/// `_sched/schedulers/<member>`: a [`SchedulerRecord`](crate::sched::SchedulerRecord), written by the
 /// scheduler.
-pub const SCHEDULERS: &str = "schedulers/";
-/// `jobs/<job>`: a [`JobSpec`](crate::sched::JobSpec), written by any client.
-pub const JOBS: &str = "jobs/";
-/// `claims/<node>/<job>/<group>/<index>`: a [`Claim`](crate::sched::Claim), written by a
+pub const SCHEDULERS: &str = "_sched/schedulers/";
+/// `_sched/jobs/<job>`: a [`JobSpec`](crate::sched::JobSpec), written by any client.
+pub const JOBS: &str = "_sched/jobs/";
+/// `_sched/claims/<node>/<job>/<group>/<index>`: a [`Claim`](crate::sched::Claim), written by a
 /// scheduler, deleted by the node once decided.
-pub const CLAIMS: &str = "claims/";
-/// `alloc/<node>`: the node's [`Ledger`](crate::sched::Ledger), written only by the node.
-pub const ALLOC: &str = "alloc/";
-/// `quotas/<namespace>`: a [`QuotaSpec`](crate::sched::QuotaSpec), written once.
-pub const QUOTAS: &str = "quotas/";
-/// `quota-shares/<namespace>/<member>`: a [`Share`](crate::sched::Share), written only by the
+pub const CLAIMS: &str = "_sched/claims/";
+/// `_sched/alloc/<node>`: the node's [`Ledger`](crate::sched::Ledger), written only by the node.
+pub const ALLOC: &str = "_sched/alloc/";
+/// `_sched/quotas/<namespace>`: a [`QuotaSpec`](crate::sched::QuotaSpec), written once.
+pub const QUOTAS: &str = "_sched/quotas/";
+/// `_sched/quota-shares/<namespace>/<member>`: a [`Share`](crate::sched::Share), written only by the
 /// member.
-pub const QUOTA_SHARES: &str = "quota-shares/";
+pub const QUOTA_SHARES: &str = "_sched/quota-shares/";
 
 /// Builds a key from parts that are validated names: at most a few hundred bytes, far below the
 /// key length limit, and never empty.
@@ -109,7 +119,8 @@ mod tests {
         let node = MemberName::new("n1").expect("valid");
         let task = TaskId::parse("web/api/3").expect("valid");
         let key = claim(&node, &task);
-        assert_eq!(key.as_bytes(), b"claims/n1/web/api/3");
+        assert_eq!(key.as_bytes(), b"_sched/claims/n1/web/api/3");
+        assert!(is_reserved(key.as_bytes()) && !is_reserved(b"claims/n1"));
         assert_eq!(suffix(&key, CLAIMS), Some("n1/web/api/3"));
     }
 }

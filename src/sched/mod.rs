@@ -22,12 +22,15 @@ mod quota;
 mod rendezvous;
 mod resources;
 mod spec;
+mod status;
 mod view;
 
 pub use admission::{AdmissionContext, Decision, Rejected, resolve};
 pub use admit::{Admitted, Release, ReleaseCause};
 pub use cluster::Cluster;
-pub use keys::{ALLOC, CLAIMS, JOBS, NODES, QUOTA_SHARES, QUOTAS, SCHEDULERS};
+pub use keys::{
+    ALLOC, CLAIMS, JOBS, NODES, QUOTA_SHARES, QUOTAS, RESERVED, SCHEDULERS, is_reserved,
+};
 pub use ledger::{
     Allocation, AllocationId, Claim, Ledger, MAX_REJECTIONS_KEPT, MAX_TASKS_PER_NODE, RejectReason,
     Rejection,
@@ -41,6 +44,7 @@ pub use rendezvous::{
 };
 pub use resources::{Resource, Resources};
 pub use spec::{Constraints, JobSpec, MAX_GROUP_COUNT, NodeRecord, Strategy, Task, TaskGroup};
+pub use status::{JobStatus, NodeStatus, TaskState, TaskStatus};
 pub use view::{ClusterView, SchedulerRecord};
 
 use crate::crdt::Key;
@@ -62,6 +66,14 @@ pub enum SchedError {
     /// A quota spec broke a rule its type cannot express.
     #[error("invalid quota: {0}")]
     InvalidQuota(String),
+    /// A machine's record can only be written by that machine.
+    #[error("the record of node {node} can only be written by {node} itself, not by {me}")]
+    NotOwner {
+        /// The machine whose record it is.
+        node: crate::gossip::MemberName,
+        /// The member that tried to write it.
+        me: crate::gossip::MemberName,
+    },
     /// The namespace already has a quota.
     #[error("namespace {0} already has a quota")]
     QuotaExists(Name),

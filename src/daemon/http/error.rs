@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::crdt::{self, DocumentError};
 use crate::runtime::{HandleError, WatchError};
+use crate::sched::SchedError;
 
 /// A request that failed: the status, a stable machine-readable code and a message for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +129,10 @@ impl From<HandleError> for ApiError {
             HandleError::Storage(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", message)
             }
+            HandleError::Reserved { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "reserved_key", message)
+            }
+            HandleError::Sched(error) => ApiError::from(error),
         }
     }
 }
@@ -157,6 +162,25 @@ impl From<crdt::Error> for ApiError {
             }
         };
         ApiError::new(status, code, message)
+    }
+}
+
+impl From<SchedError> for ApiError {
+    fn from(error: SchedError) -> Self {
+        let message = error.to_string();
+        match error {
+            SchedError::Store(error) => ApiError::from(error),
+            SchedError::NotOwner { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "not_owner", message)
+            }
+            SchedError::QuotaExists(_) => ApiError::new(StatusCode::CONFLICT, "exists", message),
+            SchedError::InsufficientRights { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "insufficient_rights", message)
+            }
+            // Invalid names, jobs and quotas; and variants added later, which describe a
+            // refused request too.
+            _ => ApiError::bad_request("invalid_spec", message),
+        }
     }
 }
 

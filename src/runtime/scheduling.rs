@@ -1,0 +1,408 @@
+//! Scheduling on a running node: the scheduling API of [`Handle`], the rounds the node's task
+//! runs over its replica, and the loop that runs a round whenever scheduling state or
+//! membership changes.
+//!
+//! The rounds are those of [`crate::sched::Cluster`]; this layer only supplies what the pure
+//! model takes as inputs (the live members from SWIM, the wall clock) and ships what it writes
+//! through the node like any other write: pushed to peers, journaled to storage.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::crdt::Token;
+use crate::gossip::{MemberName, Node};
+use crate::runtime::handle::Command;
+use crate::runtime::{Handle, HandleError};
+use crate::sched::{
+    Allocation, Cluster, ClusterView, JobSpec, JobStatus, Name, NodeRecord, NodeStatus, QuotaSpec,
+    ReleaseCause, SchedError,
+};
+
+/// Which rounds a node takes part in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Roles {
+    /// Claim machines for the pending tasks this node is responsible for: run the reference
+    /// scheduler.
+    pub plan: bool,
+    /// Decide the claims made on this machine: it offers itself (it must have registered a
+    /// [`NodeRecord`]).
+    pub admit: bool,
+}
+
+/// How far a node has caught up with its peers. A node makes no scheduling write before it has
+/// caught up, so that a machine that lost its data never writes a ledger concurrent with the one
+/// it wrote before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyncState {
+    /// No live peer to catch up from.
+    Alone,
+    /// No live peer has yet been seen to hold nothing this node lacks.
+    Behind,
+    /// A live peer reported a version this node covers.
+    CaughtUp,
+}
+
+/// What one scheduling round did at this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoundReport {
+    /// `Some` when the round did not run because the node has not caught up yet.
+    pub skipped: Option<SyncState>,
+    /// Claims this node made as a scheduler.
+    pub claims: usize,
+    /// Tasks this scheduler is responsible for that still wait (backing off, or fitting
+    /// nowhere now).
+    pub waiting: usize,
+    /// Claims this machine admitted.
+    pub admitted: usize,
+    /// Claims this machine rejected.
+    pub rejected: usize,
+    /// Allocations this machine gave up, and why: stop these tasks.
+    pub released: Vec<(Allocation, ReleaseCause)>,
+    /// Writes the round made.
+    pub writes: usize,
+}
+
+impl RoundReport {
+    /// Whether the round changed anything.
+    pub fn is_idle(&self) -> bool {
+        self.writes == 0
+    }
+}
+
+/// The scheduling state as one node sees it now.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SchedulingView {
+    /// Every scheduling record, parsed.
+    pub view: ClusterView,
+    /// The members SWIM counts alive, this node included.
+    pub live: BTreeSet<MemberName>,
+    /// This node.
+    pub me: MemberName,
+    /// Covers everything the view was read from: pass it to another node's
+    /// [`Handle::wait_for`] to read there no older state.
+    pub token: Token,
+}
+
+impl SchedulingView {
+    /// Where each task of `job` stands; `None` when there is no such job.
+    pub fn job(&self, job: &Name) -> Option<JobStatus> {
+        self.view.job_status(job, &self.live)
+    }
+
+    /// Every registered machine.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.view.node_statuses(&self.live)
+    }
+
+    /// Every task a live machine holds, with its winning allocation, in task order.
+    pub fn allocations(&self) -> Vec<Allocation> {
+        let live_nodes = self.view.live_nodes(&self.live);
+        self.view.allocations(&live_nodes).into_values().collect()
+    }
+}
+
+/// Settings of the loop that runs a node's scheduling rounds ([`Handle::run_scheduler`]).
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Run the reference scheduler here.
+    pub plan: bool,
+    /// This machine's offer: registered when the loop starts, after which the loop admits the
+    /// claims made on it. `None`: this machine runs no tasks.
+    pub offer: Option<NodeRecord>,
+    /// A round runs at least this often, even when nothing changed: backoffs expire, machines
+    /// are declared dead.
+    pub interval: Duration,
+    /// How long a round waits after the change that triggered it, so a burst of claims is
+    /// decided in one ledger write.
+    pub batch_window: Duration,
+    /// With no peer for this long after the start, there is nothing to catch up from: start
+    /// scheduling.
+    pub alone_grace: Duration,
+    /// Stop waiting to catch up after this long (with a warning), so a node whose peers never
+    /// answer still schedules.
+    pub catch_up_limit: Duration,
+}
+
+impl SchedulerConfig {
+    /// A scheduler (when `plan`) offering `offer` (when given), with the default timings.
+    pub fn new(plan: bool, offer: Option<NodeRecord>) -> Self {
+        SchedulerConfig {
+            plan,
+            offer,
+            interval: Duration::from_millis(500),
+            batch_window: Duration::from_millis(5),
+            alone_grace: Duration::from_secs(2),
+            catch_up_limit: Duration::from_secs(30),
+        }
+    }
+
+    fn roles(&self) -> Roles {
+        Roles {
+            plan: self.plan,
+            admit: self.offer.is_some(),
+        }
+    }
+}
+
+/// A running scheduler loop. It ends when the node stops, or on [`Scheduler::stop`].
+pub struct Scheduler {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scheduler {
+    /// Stops the loop after the round in progress, if any.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+impl Handle {
+    /// Submits (or replaces) a job: its tasks are placed by the cluster's schedulers.
+    pub async fn submit_job(&self, job: &JobSpec) -> Result<Token, HandleError> {
+        job.validate()?;
+        let job = job.clone();
+        let token = self
+            .write_any(move |replica, now| Ok(Some(Cluster::new(replica).submit_job(&job, now)?)))
+            .await?;
+        Ok(token.expect("a job submission always writes"))
+    }
+
+    /// Stops a job: its machines release its tasks. `None` when there was no such job.
+    pub async fn stop_job(&self, job: &Name) -> Result<Option<Token>, HandleError> {
+        let job = job.clone();
+        self.write_any(move |replica, now| Ok(Cluster::new(replica).stop_job(&job, now)?))
+            .await
+    }
+
+    /// Publishes this machine's offer. Refused for another machine's record: each machine is the
+    /// single writer of its own.
+    pub async fn register_node(&self, record: &NodeRecord) -> Result<Token, HandleError> {
+        if record.name != *self.name() {
+            return Err(SchedError::NotOwner {
+                node: record.name.clone(),
+                me: self.name().clone(),
+            }
+            .into());
+        }
+        let record = record.clone();
+        let token = self
+            .write_any(move |replica, now| {
+                Ok(Some(Cluster::new(replica).register_node(&record, now)?))
+            })
+            .await?;
+        Ok(token.expect("a registration always writes"))
+    }
+
+    /// Creates a namespace's quota (once, before its first job).
+    pub async fn create_quota(&self, quota: &QuotaSpec) -> Result<Token, HandleError> {
+        let quota = quota.clone();
+        let token = self
+            .write_any(move |replica, now| {
+                Ok(Some(Cluster::new(replica).create_quota(&quota, now)?))
+            })
+            .await?;
+        Ok(token.expect("a quota creation always writes"))
+    }
+
+    /// The scheduling state as this node sees it now.
+    pub async fn scheduling(&self) -> Result<SchedulingView, HandleError> {
+        self.ask(Command::Scheduling).await
+    }
+
+    /// The allocations this machine wins: what it should run. Watch the keys under
+    /// `_sched/alloc/<this node>` to learn when they change.
+    pub async fn my_allocations(&self) -> Result<Vec<Allocation>, HandleError> {
+        let state = self.scheduling().await?;
+        Ok(state.view.node_allocations(&state.me, &state.live))
+    }
+
+    /// Runs one scheduling round now: a planning round when `roles.plan`, then an admission
+    /// round when `roles.admit`. With `gated`, the round is skipped (and says why) until this
+    /// node has caught up with a live peer.
+    pub async fn schedule_round(
+        &self,
+        roles: Roles,
+        gated: bool,
+    ) -> Result<RoundReport, HandleError> {
+        self.ask(|reply| Command::Round(roles, gated, reply)).await
+    }
+
+    /// Starts the loop that registers this machine's offer and then runs a round whenever
+    /// scheduling state or membership changes, and at least every `config.interval`. The
+    /// first round waits until this node has caught up with a live peer (or found none).
+    pub async fn run_scheduler(&self, config: SchedulerConfig) -> Result<Scheduler, HandleError> {
+        if let Some(offer) = &config.offer {
+            self.register_node(offer).await?;
+            info!(
+                cpu_millis = offer.capacity.cpu_millis,
+                memory_bytes = offer.capacity.memory_bytes,
+                "offering this machine"
+            );
+        }
+        let notify = Arc::new(Notify::new());
+        let (sender, receiver) = oneshot::channel();
+        self.send(Command::Nudge(notify.clone())).await?;
+        let task = tokio::spawn(scheduler_loop(self.clone(), config, notify, receiver));
+        Ok(Scheduler { stop: sender, task })
+    }
+}
+
+async fn scheduler_loop(
+    handle: Handle,
+    config: SchedulerConfig,
+    notify: Arc<Notify>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let roles = config.roles();
+    let started = Instant::now();
+    let mut caught_up = false;
+    info!(
+        plan = roles.plan,
+        admit = roles.admit,
+        "scheduler loop started"
+    );
+    loop {
+        tokio::select! {
+            () = notify.notified() => tokio::time::sleep(config.batch_window).await,
+            () = tokio::time::sleep(config.interval) => {}
+            _ = &mut stop => break,
+        }
+        let gated = !caught_up && started.elapsed() < config.catch_up_limit;
+        match handle.schedule_round(roles, gated).await {
+            Ok(report) => match report.skipped {
+                Some(SyncState::Alone) if started.elapsed() >= config.alone_grace => {
+                    info!("no peer to catch up from; scheduling alone");
+                    caught_up = true;
+                    notify.notify_one();
+                }
+                Some(state) => debug!(?state, "scheduling waits to catch up with a peer"),
+                None => {
+                    if !caught_up {
+                        if gated {
+                            info!("caught up with a peer; scheduling");
+                        } else {
+                            warn!(limit = ?config.catch_up_limit, "no peer confirmed this node caught up; scheduling anyway");
+                        }
+                        caught_up = true;
+                    }
+                    log_round(&report);
+                }
+            },
+            Err(HandleError::Stopped) => break,
+            Err(err) => warn!(error = %err, "scheduling round failed"),
+        }
+    }
+    debug!("scheduler loop stopped");
+}
+
+fn log_round(report: &RoundReport) {
+    if report.is_idle() {
+        return;
+    }
+    info!(
+        claims = report.claims,
+        admitted = report.admitted,
+        rejected = report.rejected,
+        released = report.released.len(),
+        waiting = report.waiting,
+        "scheduling round"
+    );
+    for (allocation, cause) in &report.released {
+        info!(task = %allocation.task, ?cause, "released");
+    }
+}
+
+/// One round over the node's replica; the node's task calls this for [`Command::Round`].
+pub(super) fn round(
+    node: &mut Node,
+    roles: Roles,
+    gated: bool,
+    wall_millis: u64,
+    now: Instant,
+) -> Result<RoundReport, HandleError> {
+    let mut report = RoundReport::default();
+    if gated {
+        let state = sync_state(node);
+        if state != SyncState::CaughtUp {
+            report.skipped = Some(state);
+            return Ok(report);
+        }
+    }
+    let me = node.me().name.clone();
+    let live = live(node);
+    if roles.plan {
+        let ((plan, writes), _) = node.write_many(now, |replica| {
+            let mut plan = Cluster::new(replica).plan(&me, &live, wall_millis)?;
+            let deltas = std::mem::take(&mut plan.deltas);
+            Ok::<_, SchedError>(((plan, deltas.len()), deltas))
+        })?;
+        report.claims = plan.claims.len();
+        report.waiting = plan.waiting.len();
+        report.writes += writes;
+    }
+    if roles.admit {
+        let (admitted, writes) = node
+            .write_many(now, |replica| {
+                let mut admitted = Cluster::new(replica).admit(&me, &live, wall_millis)?;
+                let deltas = std::mem::take(&mut admitted.deltas);
+                let writes = deltas.len();
+                Ok::<_, SchedError>(((admitted, writes), deltas))
+            })?
+            .0;
+        report.admitted = admitted.decision.admitted.len();
+        report.rejected = admitted.decision.rejected.len();
+        report.released = admitted
+            .released
+            .into_iter()
+            .map(|release| (release.allocation, release.cause))
+            .collect();
+        report.writes += writes;
+    }
+    Ok(report)
+}
+
+/// The scheduling state of the node; the node's task calls this for [`Command::Scheduling`].
+pub(super) fn view(node: &Node) -> Result<SchedulingView, HandleError> {
+    Ok(SchedulingView {
+        view: ClusterView::read(node.replica())?,
+        live: live(node),
+        me: node.me().name.clone(),
+        token: Token::from_version(node.replica().version().clone()),
+    })
+}
+
+/// The members SWIM counts alive, this node included.
+fn live(node: &Node) -> BTreeSet<MemberName> {
+    node.members()
+        .map(|member| member.name.clone())
+        .chain(std::iter::once(node.me().name.clone()))
+        .collect()
+}
+
+fn sync_state(node: &Node) -> SyncState {
+    let mut peers = node.members().peekable();
+    if peers.peek().is_none() {
+        return SyncState::Alone;
+    }
+    let version = node.replica().version();
+    let reports = node.reports();
+    let covered = peers.any(|member| {
+        reports
+            .get(&member.name)
+            .is_some_and(|report| version.dominates(report))
+    });
+    if covered {
+        SyncState::CaughtUp
+    } else {
+        SyncState::Behind
+    }
+}

@@ -1,0 +1,232 @@
+//! Where each task of a job stands, and what each machine holds: the summaries an operator
+//! reads (`mantissa job status`, `mantissa node ls`), computed from a [`ClusterView`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::gossip::MemberName;
+use crate::sched::{
+    Allocation, Claim, ClusterView, JobSpec, Name, NodeRecord, Rejection, Resources, TaskId,
+};
+
+/// Where one task instance stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TaskState {
+    /// A live machine admitted it and runs it.
+    Admitted {
+        /// The winning allocation.
+        allocation: Allocation,
+    },
+    /// A scheduler claimed a live machine for it; the machine has not decided yet.
+    Claimed {
+        /// The undecided claim (the earliest, when several race).
+        claim: Claim,
+    },
+    /// Waiting for a machine.
+    Pending {
+        /// The latest rejection of it, if a machine refused it: why it still waits.
+        last_rejection: Option<Rejection>,
+    },
+}
+
+/// One task instance and where it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TaskStatus {
+    /// Which instance.
+    pub task: TaskId,
+    /// Where it stands.
+    #[serde(flatten)]
+    pub state: TaskState,
+}
+
+/// A job's spec and where each of its tasks stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JobStatus {
+    /// The spec.
+    pub spec: JobSpec,
+    /// Every task instance the spec asks for, in task order.
+    pub tasks: Vec<TaskStatus>,
+    /// How many are admitted.
+    pub admitted: usize,
+    /// How many are claimed and undecided.
+    pub claimed: usize,
+    /// How many wait for a machine.
+    pub pending: usize,
+}
+
+/// A machine: its offer, whether membership counts it live, and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeStatus {
+    /// The machine's record.
+    pub record: NodeRecord,
+    /// Whether membership counts it live.
+    pub live: bool,
+    /// What its admitted tasks use, from its ledger.
+    pub used: Resources,
+    /// How many tasks its ledger admits.
+    pub allocations: usize,
+    /// How many claims on it are undecided.
+    pub undecided_claims: usize,
+}
+
+impl ClusterView {
+    /// Where each task of `job` stands, given the `live` members; `None` when there is no such
+    /// job.
+    pub fn job_status(&self, job: &Name, live: &BTreeSet<MemberName>) -> Option<JobStatus> {
+        let spec = self.jobs.get(job)?;
+        let live_nodes = self.live_nodes(live);
+        let held = self.allocations(&live_nodes);
+        let mut claimed: BTreeMap<&TaskId, &Claim> = BTreeMap::new();
+        for claim in live_nodes.iter().flat_map(|n| self.undecided_claims(n)) {
+            let earlier = claimed
+                .get(&claim.task)
+                .is_none_or(|held| claim.admission_order(held).is_lt());
+            if earlier {
+                claimed.insert(&claim.task, claim);
+            }
+        }
+        let mut status = JobStatus {
+            spec: spec.clone(),
+            tasks: Vec::new(),
+            admitted: 0,
+            claimed: 0,
+            pending: 0,
+        };
+        for task in spec.tasks() {
+            let state = if let Some(allocation) = held.get(&task.id) {
+                status.admitted += 1;
+                TaskState::Admitted {
+                    allocation: allocation.clone(),
+                }
+            } else if let Some(claim) = claimed.get(&task.id) {
+                status.claimed += 1;
+                TaskState::Claimed {
+                    claim: (*claim).clone(),
+                }
+            } else {
+                status.pending += 1;
+                TaskState::Pending {
+                    last_rejection: self.last_rejection(&task.id),
+                }
+            };
+            status.tasks.push(TaskStatus {
+                task: task.id,
+                state,
+            });
+        }
+        Some(status)
+    }
+
+    /// Every registered machine, in name order, given the `live` members.
+    pub fn node_statuses(&self, live: &BTreeSet<MemberName>) -> Vec<NodeStatus> {
+        self.nodes
+            .values()
+            .map(|record| {
+                let ledger = self.ledgers.get(&record.name);
+                NodeStatus {
+                    record: record.clone(),
+                    live: live.contains(&record.name),
+                    used: ledger.map(|l| l.used()).unwrap_or_default(),
+                    allocations: ledger.map_or(0, |l| l.admitted.len()),
+                    undecided_claims: self.undecided_claims(&record.name).count(),
+                }
+            })
+            .collect()
+    }
+
+    /// The most recent rejection of `task` by any machine.
+    fn last_rejection(&self, task: &TaskId) -> Option<Rejection> {
+        self.ledgers
+            .values()
+            .filter_map(|ledger| ledger.rejection(task))
+            .max_by_key(|rejection| rejection.at)
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crdt::{NodeId, Replica};
+    use crate::sched::{Cluster, RejectReason, TaskGroup};
+
+    fn member(name: &str) -> MemberName {
+        MemberName::new(name).expect("valid")
+    }
+
+    fn name(text: &str) -> Name {
+        Name::new(text).expect("valid")
+    }
+
+    #[test]
+    fn a_job_reports_admitted_claimed_and_pending_tasks() {
+        let (node, scheduler) = (member("n1"), member("s1"));
+        let live = BTreeSet::from([node.clone(), scheduler.clone()]);
+        let mut replica = Replica::new(NodeId(1));
+        let mut cluster = Cluster::new(&mut replica);
+        let offer = NodeRecord::new(node.clone(), Resources::new(1_000, 1 << 30));
+        cluster.register_node(&offer, 1).expect("registers");
+        let job = JobSpec::new(name("web")).group(TaskGroup::new(
+            name("api"),
+            3,
+            Resources::new(400, 1 << 20),
+        ));
+        cluster.submit_job(&job, 2).expect("submits");
+        cluster.plan(&scheduler, &live, 3).expect("plans");
+        let view = cluster.view().expect("reads");
+        let claimed = view.job_status(&name("web"), &live).expect("known job");
+        assert_eq!(
+            (claimed.admitted, claimed.claimed, claimed.pending),
+            (0, 2, 1)
+        );
+
+        let admitted = cluster.admit(&node, &live, 4).expect("admits");
+        assert_eq!(admitted.decision.admitted.len(), 2);
+        let view = cluster.view().expect("reads");
+        let status = view.job_status(&name("web"), &live).expect("known job");
+        assert_eq!((status.admitted, status.claimed, status.pending), (2, 0, 1));
+        assert!(matches!(
+            &status.tasks[0].state,
+            TaskState::Admitted { allocation } if allocation.node == node
+        ));
+        let nodes = view.node_statuses(&live);
+        assert_eq!(nodes.len(), 1);
+        assert_eq!((nodes[0].allocations, nodes[0].used.cpu_millis), (2, 800));
+        assert!(nodes[0].live);
+        assert!(view.job_status(&name("db"), &live).is_none());
+    }
+
+    #[test]
+    fn a_pending_task_shows_why_a_machine_refused_it() {
+        let (node, scheduler) = (member("n1"), member("s1"));
+        let live = BTreeSet::from([node.clone(), scheduler.clone()]);
+        let mut replica = Replica::new(NodeId(1));
+        let mut cluster = Cluster::new(&mut replica);
+        let offer = NodeRecord::new(node.clone(), Resources::new(1_000, 1 << 30));
+        cluster.register_node(&offer, 1).expect("registers");
+        let job = JobSpec::new(name("web")).group(TaskGroup::new(
+            name("api"),
+            1,
+            Resources::new(400, 1 << 20),
+        ));
+        cluster.submit_job(&job, 2).expect("submits");
+        cluster.plan(&scheduler, &live, 3).expect("plans");
+        // The machine shrank before it decided: the claim no longer fits.
+        let smaller = NodeRecord::new(node.clone(), Resources::new(100, 1 << 30));
+        cluster.register_node(&smaller, 4).expect("registers");
+        cluster.admit(&node, &live, 5).expect("admits");
+        let view = cluster.view().expect("reads");
+        let status = view.job_status(&name("web"), &live).expect("known job");
+        assert_eq!(status.pending, 1);
+        let TaskState::Pending {
+            last_rejection: Some(rejection),
+        } = &status.tasks[0].state
+        else {
+            panic!("expected a pending task with its rejection: {status:?}");
+        };
+        assert_eq!(rejection.reason, RejectReason::OutOfCpu);
+    }
+}
