@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mantissa::daemon::config::AgentFlags;
 
+use crate::commands::jobs::{AllocCommand, JobCommand, NodeCommand, Scheduling};
 use crate::commands::remote::{
     ClientArgs, CounterCommand, DocCommand, KvCommand, Remote, SetCommand,
 };
@@ -17,7 +18,8 @@ use crate::commands::{EXIT_OK, Failure};
 ///
 /// Every node keeps a full replica of the cluster state; writes are local and concurrent updates
 /// merge deterministically, with no leader. `mantissa agent` runs a node with an HTTP API; the
-/// client commands (`kv`, `counter`, `set`, `doc`, `members`, `status`) talk to that API.
+/// client commands (`kv`, `counter`, `set`, `doc`, `job`, `node`, `alloc`, `members`, `status`)
+/// talk to that API.
 ///
 /// Exit status: 0 success, 1 the command failed, 2 bad usage or configuration, 3 no agent
 /// answers at --addr.
@@ -51,7 +53,7 @@ enum Command {
         --data-dir /var/lib/mantissa --bind 0.0.0.0:7701 --advertise 10.0.0.1:7701 \\\n      \
         --join 10.0.0.2:7701 --join 10.0.0.3:7701\n  \
         mantissa agent --config /etc/mantissa/agent.toml")]
-    Agent(AgentFlags),
+    Agent(Box<AgentFlags>),
 
     /// Creates the cluster CA and node certificates.
     #[command(subcommand)]
@@ -72,6 +74,18 @@ enum Command {
     /// Patches and reads JSON documents.
     #[command(subcommand)]
     Doc(DocCommand),
+
+    /// Submits, follows and stops jobs: tasks the cluster's schedulers place on nodes.
+    #[command(subcommand)]
+    Job(JobCommand),
+
+    /// Lists the nodes that offer themselves to run tasks.
+    #[command(subcommand)]
+    Node(NodeCommand),
+
+    /// Lists which node runs which task.
+    #[command(subcommand)]
+    Alloc(AllocCommand),
 
     /// Lists the live members of the cluster, as the agent sees them.
     ///
@@ -131,7 +145,7 @@ enum TlsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Agent(flags) => commands::agent::run(flags),
+        Command::Agent(flags) => commands::agent::run(*flags),
         Command::Tls(TlsCommand::Init { dir, name, force }) => {
             commands::tls::init(&dir, &name, force)
         }
@@ -145,6 +159,9 @@ fn main() -> ExitCode {
         Command::Counter(command) => commands::remote::run(Remote::Counter(command), &cli.client),
         Command::Set(command) => commands::remote::run(Remote::Set(command), &cli.client),
         Command::Doc(command) => commands::remote::run(Remote::Doc(command), &cli.client),
+        Command::Job(command) => commands::jobs::run(Scheduling::Job(command), &cli.client),
+        Command::Node(command) => commands::jobs::run(Scheduling::Node(command), &cli.client),
+        Command::Alloc(command) => commands::jobs::run(Scheduling::Alloc(command), &cli.client),
         Command::Members => commands::remote::run(Remote::Members, &cli.client),
         Command::Status => commands::remote::run(Remote::Status, &cli.client),
         Command::Demo => commands::demo::run().map_err(Failure::failed),

@@ -8,6 +8,10 @@
 //!
 //! A counting global allocator checks that a tiny input claiming 2^40 (or 2^64 − 1) elements is
 //! refused at once, without a large allocation.
+//!
+//! Time-bounded mode: with `MANTISSA_DECODER_FUZZ_SECS=<s>`, `decoders_never_panic_for_a_set_time`
+//! keeps generating the same kinds of inputs for that many seconds from a seed it prints
+//! (`MANTISSA_DECODER_FUZZ_SEED` replays one); without it, that test returns at once.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -20,6 +24,8 @@ use mantissa::crdt::{
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::json;
 
 // ---------------------------------------------------------------------------------------------
@@ -293,6 +299,98 @@ proptest! {
         let snapshots = &corpus().snapshots;
         check_snapshot_bytes(&damaged(snapshots[pick.index(snapshots.len())].clone(), &damages))?;
     }
+}
+
+/// The four kinds of input above, for as long as `MANTISSA_DECODER_FUZZ_SECS` says (a no-op
+/// without it). The seed is `MANTISSA_DECODER_FUZZ_SEED` (decimal or `0x` hex) or the clock's,
+/// printed first; a failure names it, the case number and the input.
+#[test]
+fn decoders_never_panic_for_a_set_time() {
+    let Ok(secs) = std::env::var("MANTISSA_DECODER_FUZZ_SECS") else {
+        return;
+    };
+    let secs: f64 = match secs.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => secs,
+        _ => panic!("MANTISSA_DECODER_FUZZ_SECS={secs:?} is not a number of seconds"),
+    };
+    let seed = match std::env::var("MANTISSA_DECODER_FUZZ_SEED") {
+        Ok(text) => {
+            let text = text.trim();
+            let parsed = match text.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => text.parse(),
+            };
+            parsed.unwrap_or_else(|_| panic!("MANTISSA_DECODER_FUZZ_SEED={text:?} is not a u64"))
+        }
+        Err(_) => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+                .rotate_left(17)
+                ^ u64::from(std::process::id())
+        }
+    };
+    let replay = format!(
+        "MANTISSA_DECODER_FUZZ_SEED={seed:#x} MANTISSA_DECODER_FUZZ_SECS={secs} cargo test \
+         --release --test decoders_never_panic decoders_never_panic_for_a_set_time -- --nocapture"
+    );
+    println!("decoders fuzz: seed {seed:#x}, {secs} s; replay with: {replay}");
+    let mut rng_seed = [0u8; 32];
+    rng_seed[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &rng_seed),
+    );
+    let random_delta = random_bytes(DELTA_FORMAT);
+    let random_snapshot = random_bytes(SNAPSHOT_FORMAT);
+    let damaging = (any::<Index>(), prop::collection::vec(damage(), 1..8));
+    let corpus = corpus();
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut cases = 0u64;
+    while Instant::now() < deadline {
+        let (is_delta, input) = match cases % 4 {
+            0 => (true, new_value(&random_delta, &mut runner)),
+            1 => (false, new_value(&random_snapshot, &mut runner)),
+            kind => {
+                let (pick, damages) = new_value(&damaging, &mut runner);
+                let pool = if kind == 2 {
+                    &corpus.deltas
+                } else {
+                    &corpus.snapshots
+                };
+                (
+                    kind == 2,
+                    damaged(pool[pick.index(pool.len())].clone(), &damages),
+                )
+            }
+        };
+        let what = if is_delta { "delta" } else { "snapshot" };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match is_delta {
+            true => check_delta_bytes(&input),
+            false => check_snapshot_bytes(&input),
+        }));
+        let problem = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some("panicked (message above)".to_owned()),
+        };
+        if let Some(problem) = problem {
+            panic!(
+                "decoders fuzz seed {seed:#x}, case {cases}: {what} input {input:?}: {problem}\n\
+                 (replay: {replay})"
+            );
+        }
+        cases += 1;
+    }
+    println!("decoders fuzz: seed {seed:#x}: {cases} inputs, none made a decoder panic");
+}
+
+/// One value drawn from `strategy`.
+fn new_value<S: Strategy>(strategy: &S, runner: &mut TestRunner) -> S::Value {
+    strategy
+        .new_tree(runner)
+        .map(|tree| tree.current())
+        .unwrap_or_else(|reason| panic!("the strategy rejected its own draw: {reason}"))
 }
 
 /// The undamaged corpus decodes, so the damaged cases start from valid bytes.

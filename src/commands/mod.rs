@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod demo;
+pub mod jobs;
 pub mod remote;
 pub mod tls;
 

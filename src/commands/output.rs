@@ -371,7 +371,7 @@ fn key_of(item: &Json) -> String {
 }
 
 /// A field as text: strings bare, other JSON as written, absent as `?`.
-fn field(object: &Json, name: &str) -> String {
+pub(super) fn field(object: &Json, name: &str) -> String {
     match object.get(name) {
         Some(Json::String(text)) => text.clone(),
         Some(Json::Null) | None => "?".to_owned(),
@@ -380,7 +380,7 @@ fn field(object: &Json, name: &str) -> String {
 }
 
 /// A byte count for people: `512 B`, `3.4 KiB`, `12.0 MiB`.
-fn size(bytes: Option<&Json>) -> String {
+pub(super) fn size(bytes: Option<&Json>) -> String {
     let Some(bytes) = bytes.and_then(Json::as_u64) else {
         return "?".to_owned();
     };
@@ -397,7 +397,7 @@ fn size(bytes: Option<&Json>) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+pub(super) fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

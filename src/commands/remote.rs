@@ -431,7 +431,7 @@ fn emit_bytes(data: &[u8]) {
     }
 }
 
-fn failure(err: ClientError) -> Failure {
+pub(super) fn failure(err: ClientError) -> Failure {
     let code = match &err {
         ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
         ClientError::BadAddress { .. } => crate::commands::EXIT_USAGE,

@@ -21,9 +21,10 @@ use tracing_subscriber::EnvFilter;
 use crate::daemon::config::{AgentConfig, HostPort, LogFormat, Origin, Setting, io_reason};
 use crate::daemon::http::{self, HttpOptions};
 use crate::runtime::{
-    self, ClusterCa, Handle, NodeConfig, NodeCredentials, StartError, StorageConfig, TlsConfig,
-    TlsError, TransportError,
+    self, ClusterCa, Handle, NodeConfig, NodeCredentials, Scheduler, SchedulerConfig, StartError,
+    StorageConfig, TlsConfig, TlsError, TransportError,
 };
+use crate::sched::Resources;
 
 /// How long in-flight HTTP requests (and open watches) get to finish after a shutdown signal.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
@@ -105,6 +106,10 @@ pub async fn run(
         AgentError::Start(format!("--http {}: {}{hint}", config.http, io_reason(&err)))
     })?;
     let http_addr = listener.local_addr().unwrap_or(config.http);
+    let capacity = match &config.scheduling.offer {
+        Some(offer) => Some(offer.capacity().map_err(AgentError::Config)?),
+        None => None,
+    };
     let seeds = prepared.node.seeds.clone();
     let handle = runtime::start(prepared.node)
         .await
@@ -116,7 +121,35 @@ pub async fn run(
             dev_banner(handle.name().as_str(), http_addr, handle.addr())
         );
     }
-    serve_until(listener, handle, http_options(&config), shutdown).await
+    let scheduler = match start_scheduler(&handle, &config, capacity).await {
+        Ok(scheduler) => scheduler,
+        Err(err) => {
+            let _ = handle.shutdown().await;
+            return Err(err);
+        }
+    };
+    serve_until(listener, handle, scheduler, http_options(&config), shutdown).await
+}
+
+/// Starts the scheduler loop when the agent plans or offers its machine.
+async fn start_scheduler(
+    handle: &Handle,
+    config: &AgentConfig,
+    capacity: Option<Resources>,
+) -> Result<Option<Scheduler>, AgentError> {
+    let settings = &config.scheduling;
+    let offer = match (&settings.offer, capacity) {
+        (Some(offer), Some(capacity)) => Some(offer.record(handle.name().clone(), capacity)),
+        _ => None,
+    };
+    if !settings.plan && offer.is_none() {
+        return Ok(None);
+    }
+    let scheduler = handle
+        .run_scheduler(SchedulerConfig::new(settings.plan, offer))
+        .await
+        .map_err(|err| AgentError::Start(format!("scheduling: {err}")))?;
+    Ok(Some(scheduler))
 }
 
 /// Resolves once the process gets SIGINT (ctrl-c) or SIGTERM; after that, a second one of
@@ -472,6 +505,7 @@ fn http_options(config: &AgentConfig) -> HttpOptions {
 async fn serve_until(
     listener: TcpListener,
     handle: Handle,
+    scheduler: Option<Scheduler>,
     options: HttpOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
@@ -498,6 +532,9 @@ async fn serve_until(
                 server.abort();
             }
         }
+    }
+    if let Some(scheduler) = scheduler {
+        scheduler.stop().await;
     }
     info!("leaving the cluster");
     if let Err(err) = handle.shutdown().await {

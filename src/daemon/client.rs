@@ -268,6 +268,57 @@ impl Client {
         self.send(Method::GET, &path, None, read.wait).await
     }
 
+    /// `POST /v1/jobs`: submits (or replaces) the job `spec` (a JSON job spec).
+    pub async fn job_submit(&self, spec: &serde_json::Value) -> Result<Reply, ClientError> {
+        self.send_json(Method::POST, "/v1/jobs", spec).await
+    }
+
+    /// `GET /v1/jobs`: every job with its task counts.
+    pub async fn jobs(&self, read: &ReadOptions) -> Result<Reply, ClientError> {
+        let path = format!("/v1/jobs{}", read.query(Vec::new()));
+        self.send(Method::GET, &path, None, read.wait).await
+    }
+
+    /// `GET /v1/jobs/{name}`: the job's spec and where each task stands.
+    pub async fn job_status(&self, name: &str, read: &ReadOptions) -> Result<Reply, ClientError> {
+        let path = format!(
+            "/v1/jobs/{}{}",
+            encode_component(name),
+            read.query(Vec::new())
+        );
+        self.send(Method::GET, &path, None, read.wait).await
+    }
+
+    /// `DELETE /v1/jobs/{name}`: stops the job.
+    pub async fn job_stop(&self, name: &str) -> Result<Reply, ClientError> {
+        let path = format!("/v1/jobs/{}", encode_component(name));
+        self.send(Method::DELETE, &path, None, None).await
+    }
+
+    /// `GET /v1/nodes`: the machines that offer themselves.
+    pub async fn nodes(&self, read: &ReadOptions) -> Result<Reply, ClientError> {
+        let path = format!("/v1/nodes{}", read.query(Vec::new()));
+        self.send(Method::GET, &path, None, read.wait).await
+    }
+
+    /// `GET /v1/allocations`, optionally of one machine and one job.
+    pub async fn allocations(
+        &self,
+        node: Option<&str>,
+        job: Option<&str>,
+        read: &ReadOptions,
+    ) -> Result<Reply, ClientError> {
+        let mut pairs = Vec::new();
+        if let Some(node) = node {
+            pairs.push(("node", node.to_owned()));
+        }
+        if let Some(job) = job {
+            pairs.push(("job", job.to_owned()));
+        }
+        let path = format!("/v1/allocations{}", read.query(pairs));
+        self.send(Method::GET, &path, None, read.wait).await
+    }
+
     /// `GET /v1/health`.
     pub async fn health(&self) -> Result<Reply, ClientError> {
         self.send(Method::GET, "/v1/health", None, None).await

@@ -19,6 +19,7 @@
 //! assert_eq!(config.bind.to_string(), "10.0.0.5:9000"); // the flag wins over the file
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::daemon::offer::{SchedulingFlags, SchedulingSettings, Size};
 use crate::runtime::validate_node_name;
 
 /// Where the gossip endpoint listens unless told otherwise: every interface.
@@ -115,6 +117,9 @@ pub struct AgentFlags {
     /// room for the largest value, 1 MiB].
     #[arg(long, env = "MANTISSA_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
+
+    #[command(flatten, next_help_heading = "Scheduling")]
+    pub scheduling: SchedulingFlags,
 }
 
 /// The config file: the agent's flags as TOML fields, all optional. Unknown fields are refused.
@@ -148,6 +153,18 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// See [`AgentFlags::max_body_bytes`].
     pub max_body_bytes: Option<usize>,
+    /// See [`SchedulingFlags::scheduler`].
+    pub scheduler: Option<bool>,
+    /// See [`SchedulingFlags::offer`]; `false` with `scheduler = true` is `--no-offer`.
+    pub offer: Option<bool>,
+    /// See [`SchedulingFlags::cpu_millis`].
+    pub cpu_millis: Option<u64>,
+    /// See [`SchedulingFlags::memory`]: a number of bytes or a size string.
+    pub memory: Option<Size>,
+    /// See [`SchedulingFlags::labels`], as a table.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// See [`SchedulingFlags::resources`], as a table.
+    pub resources: Option<BTreeMap<String, u64>>,
 }
 
 /// The agent's settings once flags, environment, config file and defaults are merged and checked.
@@ -175,6 +192,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// The HTTP body limit; `None` keeps the server's default.
     pub max_body_bytes: Option<usize>,
+    /// Whether the agent schedules, and what its machine offers.
+    pub scheduling: SchedulingSettings,
 }
 
 /// The PEM files a node's TLS identity is read from, each with where it was configured.
@@ -303,6 +322,7 @@ impl AgentConfig {
             .map(|setting| host_port(&setting))
             .transpose()?;
         let join = merge.join(flags.join, file.join.clone())?;
+        let scheduling = SchedulingSettings::resolve(flags.scheduling, &file)?;
         let tls = merge.tls(dev, flags.tls_ca, flags.tls_cert, flags.tls_key)?;
         let log_format = match flags.log_format {
             Some(format) => format,
@@ -335,6 +355,7 @@ impl AgentConfig {
             tls,
             log_format,
             max_body_bytes: max_body_bytes.map(|setting| setting.value),
+            scheduling,
         })
     }
 }

@@ -5,3 +5,4 @@ pub mod agent;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod offer;

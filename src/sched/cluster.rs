@@ -659,7 +659,9 @@ mod tests {
         replica
             .put(key("_sched/nodes/BAD"), b"{}".to_vec(), 1)
             .expect("writes");
-        replica.counter_add(key("_sched/jobs/web"), 1, 1).expect("writes");
+        replica
+            .counter_add(key("_sched/jobs/web"), 1, 1)
+            .expect("writes");
         replica
             .put(
                 key("_sched/alloc/n1"),

@@ -29,6 +29,8 @@ pub enum TaskState {
     Pending {
         /// The latest rejection of it, if a machine refused it: why it still waits.
         last_rejection: Option<Rejection>,
+        /// The machine that refused it.
+        rejected_by: Option<MemberName>,
     },
 }
 
@@ -108,8 +110,10 @@ impl ClusterView {
                 }
             } else {
                 status.pending += 1;
+                let (rejected_by, last_rejection) = self.last_rejection(&task.id).unzip();
                 TaskState::Pending {
-                    last_rejection: self.last_rejection(&task.id),
+                    last_rejection,
+                    rejected_by,
                 }
             };
             status.tasks.push(TaskStatus {
@@ -137,13 +141,13 @@ impl ClusterView {
             .collect()
     }
 
-    /// The most recent rejection of `task` by any machine.
-    fn last_rejection(&self, task: &TaskId) -> Option<Rejection> {
+    /// The most recent rejection of `task` by any machine, with that machine.
+    fn last_rejection(&self, task: &TaskId) -> Option<(MemberName, Rejection)> {
         self.ledgers
-            .values()
-            .filter_map(|ledger| ledger.rejection(task))
-            .max_by_key(|rejection| rejection.at)
-            .cloned()
+            .iter()
+            .filter_map(|(node, ledger)| Some((node, ledger.rejection(task)?)))
+            .max_by_key(|(_, rejection)| rejection.at)
+            .map(|(node, rejection)| (node.clone(), rejection.clone()))
     }
 }
 
@@ -223,10 +227,12 @@ mod tests {
         assert_eq!(status.pending, 1);
         let TaskState::Pending {
             last_rejection: Some(rejection),
+            rejected_by: Some(by),
         } = &status.tasks[0].state
         else {
             panic!("expected a pending task with its rejection: {status:?}");
         };
         assert_eq!(rejection.reason, RejectReason::OutOfCpu);
+        assert_eq!(*by, node);
     }
 }

@@ -8,6 +8,7 @@
 
 mod encode;
 mod error;
+mod jobs;
 mod keys;
 mod metrics;
 mod request;
@@ -157,6 +158,10 @@ fn app(shared: Arc<Shared>) -> Router {
             "/v1/doc/{*key}",
             get(keys::get_document).patch(keys::patch_document),
         )
+        .route("/v1/jobs", get(jobs::list).post(jobs::submit))
+        .route("/v1/jobs/{name}", get(jobs::status).delete(jobs::stop))
+        .route("/v1/nodes", get(jobs::nodes))
+        .route("/v1/allocations", get(jobs::allocations))
         .route("/v1/watch", get(watch::watch))
         .route("/v1/members", get(members))
         .route("/v1/status", get(status))

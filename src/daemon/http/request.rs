@@ -263,7 +263,7 @@ pub(super) fn parse_duration(text: &str) -> Result<Duration, ApiError> {
 
 /// Decodes `%XX` escapes (and, in a query, `+` as a space); a `%` not followed by two hex
 /// digits is refused rather than guessed at.
-fn percent_decode(input: &[u8], plus_is_space: bool) -> Result<Vec<u8>, ApiError> {
+pub(super) fn percent_decode(input: &[u8], plus_is_space: bool) -> Result<Vec<u8>, ApiError> {
     let mut output = Vec::with_capacity(input.len());
     let mut rest = input;
     while let Some((&byte, tail)) = rest.split_first() {
