@@ -14,6 +14,8 @@ mod agent;
 mod check;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/faults_sched.rs"]
+mod sched;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -194,13 +196,14 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
     let addrs: Vec<SocketAddr> = (0..settings.nodes).map(|i| cluster.http(i)).collect();
     let start = Instant::now();
     let stop = AtomicBool::new(false);
-    let (nemesis, histories) = std::thread::scope(|scope| {
+    let (nemesis, histories, scheduling) = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..settings.nodes)
             .map(|client| {
                 let (addrs, stop) = (&addrs, &stop);
                 scope.spawn(move || client_loop(client, addrs, seed, start, stop))
             })
             .collect();
+        let scheduler = scope.spawn(|| sched::client(&addrs, seed, &stop));
         let nemesis = run_schedule(&mut cluster, &schedule);
         // Heal before stopping the clients, so their last operations see a whole cluster.
         let healed = cluster.heal();
@@ -210,11 +213,18 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
             .into_iter()
             .map(|client| client.join().expect("client thread"))
             .collect();
-        (nemesis.and(healed), histories)
+        let scheduling = scheduler.join().expect("scheduling client thread");
+        (nemesis.and(healed), histories, scheduling)
     });
     let (histories, tokens): (Vec<Vec<Op>>, Vec<Option<String>>) = histories.into_iter().unzip();
     let history: Vec<Op> = histories.into_iter().flatten().collect();
-    let summary = summarize(&history);
+    let summary = format!(
+        "{}; jobs: {} submitted, {} indeterminate, {} ledger reads",
+        summarize(&history),
+        scheduling.submitted.len(),
+        scheduling.indeterminate.len(),
+        scheduling.reads
+    );
     println!("faults: seed {seed:#x} history: {summary}");
 
     let mut violations = Vec::new();
@@ -230,6 +240,7 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
     if let Some(violation) = cluster.tokens_satisfiable(&history, &tokens) {
         violations.push(violation);
     }
+    violations.extend(sched::check_converged(&addrs, &scheduling, CONVERGENCE));
     if violations.is_empty() {
         return Ok(());
     }
@@ -333,7 +344,8 @@ impl FaultCluster {
             .arg(&this.data_dir)
             .args(["--tls-ca", &tls("ca.pem".to_owned())])
             .args(["--tls-cert", &tls(format!("{}.pem", this.name))])
-            .args(["--tls-key", &tls(format!("{}-key.pem", this.name))]);
+            .args(["--tls-key", &tls(format!("{}-key.pem", this.name))])
+            .args(sched::agent_args());
         for peer in peers.iter().filter(|&&peer| peer != this.addr) {
             command.args(["--join", &format!("{peer}:{GOSSIP_PORT}")]);
         }
