@@ -322,6 +322,13 @@ fn file_identity(config: &AgentConfig) -> Result<TlsConfig, AgentError> {
             tls.node_name()
         )));
     }
+    if time_left(&node.cert_pem) == Some(Duration::ZERO) {
+        // Peers would refuse every handshake: fail here, where the cause is plain.
+        return Err(AgentError::Config(format!(
+            "{}: the certificate has expired; issue a new one with `mantissa tls issue`",
+            describe(&files.cert)
+        )));
+    }
     if let Some(left) = time_left(&node.cert_pem)
         && left < EXPIRY_WARNING
     {
@@ -628,6 +635,25 @@ mod tests {
         let tls = file_identity(&config_with(files.clone(), None)).unwrap();
         assert_eq!(tls.node_name(), "n1");
         assert!(file_identity(&config_with(files, Some("n1"))).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_expired_certificate_is_refused_at_start() {
+        let dir = temp_dir("expired");
+        let ca = ClusterCa::generate("test").unwrap();
+        let files = write_identity(&dir, &ca, "n1");
+        let day = Duration::from_secs(86_400);
+        let now = SystemTime::now();
+        let expired = ca.issue_between("n1", now - 3 * day, now - day).unwrap();
+        std::fs::write(&files.cert.value, &expired.cert_pem).unwrap();
+        std::fs::write(&files.key.value, &expired.key_pem).unwrap();
+        let err = file_identity(&config_with(files, None)).unwrap_err();
+        assert!(
+            err.to_string().contains("the certificate has expired"),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
