@@ -14,6 +14,7 @@ mod etcd;
 mod progress;
 mod report;
 mod scenarios;
+mod scheduling;
 mod systems;
 
 use std::path::PathBuf;
@@ -31,8 +32,8 @@ usage: cargo run --release --manifest-path bench/Cargo.toml -- [--quick] [--out 
 
   --quick        short run (< 3 minutes on 2 cores): fewer client counts, 3 s per case
   --out FILE     where to write every figure as JSON (default: bench-results.json)
-  SCENARIO       write, read, visibility, watch (default: all of them)
-                 partition, bandwidth, scheduling: not built yet
+  SCENARIO       write, read, visibility, watch, scheduling (default: all of them)
+                 partition, bandwidth: not built yet
 
 environment: MANTISSA_BIN (default: release/mantissa in CARGO_TARGET_DIR, else ../target/release/mantissa relative to bench/),
              ETCD_BIN (default: etcd on the PATH)";
@@ -120,11 +121,18 @@ fn run(options: &Options) -> Result<(), String> {
 
     let mut results = serde_json::Map::new();
     let mut not_yet = Vec::new();
+    let mut failures = Vec::new();
     for &scenario in &options.scenarios {
         match scenario.run(&deployment, &plan, &progress) {
             Some(report) => {
                 progress.clear();
                 println!("{}", report.table());
+                failures.extend(
+                    report
+                        .failures
+                        .iter()
+                        .map(|failure| format!("{}: {failure}", scenario.name())),
+                );
                 results.insert(scenario.name().to_owned(), report.json());
                 // Written after every scenario, so an interrupted run keeps what it measured.
                 write_json(
@@ -160,7 +168,15 @@ fn run(options: &Options) -> Result<(), String> {
     );
     let alive = check_alive(&mut deployment);
     deployment.shutdown();
-    alive
+    alive?;
+    match failures.is_empty() {
+        true => Ok(()),
+        false => Err(format!(
+            "invariants broken (figures kept in {}):\n{}",
+            options.out.display(),
+            failures.join("\n")
+        )),
+    }
 }
 
 /// The mantissa binary: `MANTISSA_BIN`, else `release/mantissa` in `CARGO_TARGET_DIR`, else
@@ -266,7 +282,11 @@ fn print_header(meta: &Json, plan: &Plan) {
         plan.measured.as_secs_f64(),
         if plan.quick { " (--quick)" } else { "" }
     );
-    println!("- not built yet: partition, bandwidth, scheduling, plots\n");
+    println!(
+        "- scheduling starts its own agent clusters (one per case, every agent offering \
+         capacity); its etcd column places the same tasks with compare-and-swap transactions"
+    );
+    println!("- not built yet: partition, bandwidth, plots\n");
 }
 
 fn write_json(

@@ -35,6 +35,13 @@ pub struct Row {
     pub millis: Vec<f64>,
     /// The first few errors, to show.
     pub error_samples: Vec<String>,
+    /// Refused placements (scheduling), when it applies.
+    pub conflicts: Option<u64>,
+    /// A second latency distribution in milliseconds (scheduling: per task, where `millis` is
+    /// per job).
+    pub task_millis: Vec<f64>,
+    /// Further figures for the JSON (`null` when none).
+    pub detail: Json,
 }
 
 /// How a scenario's table shows its rows.
@@ -44,6 +51,8 @@ pub enum Layout {
     Throughput,
     /// p10 … p99, max.
     Distribution,
+    /// placements/s, conflicts and their share, per-job and per-task p50/p99, max.
+    Scheduling,
 }
 
 /// One scenario's rows, with how they were measured.
@@ -52,6 +61,9 @@ pub struct Report {
     pub method: String,
     pub layout: Layout,
     pub rows: Vec<Row>,
+    /// Invariants the scenario found broken (over-commit, a task held twice or never): the run
+    /// fails when any is listed.
+    pub failures: Vec<String>,
 }
 
 impl Row {
@@ -66,6 +78,9 @@ impl Row {
             seconds: None,
             millis: Vec::new(),
             error_samples: Vec::new(),
+            conflicts: None,
+            task_millis: Vec::new(),
+            detail: Json::Null,
         }
     }
 
@@ -77,9 +92,13 @@ impl Row {
     }
 
     fn sorted(&self) -> Vec<f64> {
-        let mut sorted = self.millis.clone();
-        sorted.sort_by(f64::total_cmp);
-        sorted
+        sorted(&self.millis)
+    }
+
+    /// Conflicts as a share of all placement attempts (conflicts plus placements).
+    fn conflict_rate(&self) -> Option<f64> {
+        self.conflicts
+            .map(|conflicts| conflicts as f64 / (conflicts + self.count).max(1) as f64)
     }
 
     fn throughput(&self) -> Option<f64> {
@@ -89,14 +108,7 @@ impl Row {
     }
 
     pub fn json(&self) -> Json {
-        let sorted = self.sorted();
-        let mut percentiles = serde_json::Map::new();
-        for (q, name) in DISTRIBUTION.iter().chain(&[(0.999, "p99.9"), (0.0, "min")]) {
-            percentiles.insert((*name).to_owned(), json!(percentile(&sorted, *q)));
-        }
-        let mean = (!sorted.is_empty()).then(|| sorted.iter().sum::<f64>() / sorted.len() as f64);
-        percentiles.insert("mean".to_owned(), json!(mean));
-        json!({
+        let mut json = json!({
             "system": self.system,
             "case": self.case,
             "clients": self.clients,
@@ -105,9 +117,18 @@ impl Row {
             "misses": self.misses,
             "seconds": self.seconds,
             "ops_per_second": self.throughput(),
-            "millis": percentiles,
+            "millis": percentiles(&self.millis),
             "error_samples": self.error_samples,
-        })
+        });
+        if self.conflicts.is_some() {
+            json["conflicts"] = json!(self.conflicts);
+            json["conflict_rate"] = json!(self.conflict_rate());
+            json["task_millis"] = percentiles(&self.task_millis);
+        }
+        if !self.detail.is_null() {
+            json["detail"] = self.detail.clone();
+        }
+        json
     }
 }
 
@@ -119,6 +140,16 @@ impl Report {
         let figures: Vec<&str> = match self.layout {
             Layout::Throughput => vec!["ops/s", "p50 ms", "p99 ms", "max ms"],
             Layout::Distribution => DISTRIBUTION.iter().map(|(_, name)| *name).collect(),
+            Layout::Scheduling => vec![
+                "placements/s",
+                "conflicts",
+                "conflict %",
+                "job p50 ms",
+                "job p99 ms",
+                "task p50 ms",
+                "task p99 ms",
+                "max ms",
+            ],
         };
         let _ = writeln!(
             out,
@@ -141,6 +172,20 @@ impl Report {
                     .iter()
                     .map(|(q, _)| millis(percentile(&sorted, *q)))
                     .collect(),
+                Layout::Scheduling => {
+                    let tasks = self::sorted(&row.task_millis);
+                    vec![
+                        row.throughput().map_or("-".into(), |t| format!("{t:.0}")),
+                        row.conflicts.map_or("-".into(), |c| c.to_string()),
+                        row.conflict_rate()
+                            .map_or("-".into(), |r| format!("{:.1}", r * 100.0)),
+                        millis(percentile(&sorted, 0.5)),
+                        millis(percentile(&sorted, 0.99)),
+                        millis(percentile(&tasks, 0.5)),
+                        millis(percentile(&tasks, 0.99)),
+                        millis(percentile(&tasks, 1.0)),
+                    ]
+                }
             };
             let _ = writeln!(
                 out,
@@ -158,6 +203,9 @@ impl Report {
                 let _ = writeln!(out, "\n- error, {} {}: {sample}", row.system, row.case);
             }
         }
+        for failure in &self.failures {
+            let _ = writeln!(out, "\n- FAILED: {failure}");
+        }
         out
     }
 
@@ -165,8 +213,27 @@ impl Report {
         json!({
             "method": self.method,
             "rows": self.rows.iter().map(Row::json).collect::<Vec<_>>(),
+            "failures": self.failures,
         })
     }
+}
+
+fn sorted(values: &[f64]) -> Vec<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+/// p10 … max, p99.9, min and mean of `values`, for the JSON.
+fn percentiles(values: &[f64]) -> Json {
+    let sorted = sorted(values);
+    let mut percentiles = serde_json::Map::new();
+    for (q, name) in DISTRIBUTION.iter().chain(&[(0.999, "p99.9"), (0.0, "min")]) {
+        percentiles.insert((*name).to_owned(), json!(percentile(&sorted, *q)));
+    }
+    let mean = (!sorted.is_empty()).then(|| sorted.iter().sum::<f64>() / sorted.len() as f64);
+    percentiles.insert("mean".to_owned(), json!(mean));
+    Json::Object(percentiles)
 }
 
 /// The nearest-rank percentile `q` (0 = min, 1 = max) of sorted values.

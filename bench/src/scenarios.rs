@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::progress::Progress;
 use crate::report::{Layout, Report, Row};
+use crate::scheduling::{self, SchedulingPlan};
 use crate::systems::{Connection, Deployment, ReadMode, System};
 
 /// Bytes in every value written.
@@ -26,7 +27,8 @@ pub enum Scenario {
     Partition,
     /// Not built yet: bytes on the wire per write, steady and catching up.
     Bandwidth,
-    /// Not built yet: an orchestrator-like mix of scheduling decisions.
+    /// Placements/s, submit-to-admitted and conflicts with 1, 3 and 10 concurrent schedulers
+    /// (etcd: compare-and-swap placement, for reference).
     Scheduling,
 }
 
@@ -47,6 +49,8 @@ pub struct Plan {
     pub propagation_interval: Duration,
     /// Watchers per member, per level of the watch scenario.
     pub watchers_per_member: Vec<usize>,
+    /// Tasks, jobs and cases of the scheduling scenario.
+    pub scheduling: SchedulingPlan,
 }
 
 /// One timed operation.
@@ -99,7 +103,11 @@ impl Scenario {
     pub fn built(self) -> bool {
         matches!(
             self,
-            Scenario::Write | Scenario::Read | Scenario::Visibility | Scenario::Watch
+            Scenario::Write
+                | Scenario::Read
+                | Scenario::Visibility
+                | Scenario::Watch
+                | Scenario::Scheduling
         )
     }
 
@@ -110,7 +118,8 @@ impl Scenario {
             Scenario::Read => Some(read(deployment, plan, progress)),
             Scenario::Visibility => Some(visibility(deployment, plan, progress)),
             Scenario::Watch => Some(watch(deployment, plan, progress)),
-            Scenario::Partition | Scenario::Bandwidth | Scenario::Scheduling => None,
+            Scenario::Scheduling => Some(scheduling::run(deployment, &plan.scheduling, progress)),
+            Scenario::Partition | Scenario::Bandwidth => None,
         }
     }
 }
@@ -128,6 +137,7 @@ impl Plan {
                 propagation_writes: 150,
                 propagation_interval: Duration::from_millis(10),
                 watchers_per_member: vec![1, 8],
+                scheduling: SchedulingPlan::new(true),
             }
         } else {
             Plan {
@@ -140,6 +150,7 @@ impl Plan {
                 propagation_writes: 1000,
                 propagation_interval: Duration::from_millis(10),
                 watchers_per_member: vec![1, 16],
+                scheduling: SchedulingPlan::new(false),
             }
         }
     }
@@ -196,6 +207,7 @@ fn write(deployment: &Deployment, plan: &Plan, progress: &Progress) -> Report {
         ),
         layout: Layout::Throughput,
         rows,
+        failures: Vec::new(),
     }
 }
 
@@ -282,6 +294,7 @@ fn read(deployment: &Deployment, plan: &Plan, progress: &Progress) -> Report {
         ),
         layout: Layout::Throughput,
         rows,
+        failures: Vec::new(),
     }
 }
 
@@ -365,6 +378,7 @@ fn visibility(deployment: &Deployment, plan: &Plan, progress: &Progress) -> Repo
         ),
         layout: Layout::Distribution,
         rows,
+        failures: Vec::new(),
     }
 }
 
@@ -430,6 +444,7 @@ fn watch(deployment: &Deployment, plan: &Plan, progress: &Progress) -> Report {
         ),
         layout: Layout::Distribution,
         rows,
+        failures: Vec::new(),
     }
 }
 

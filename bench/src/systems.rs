@@ -6,7 +6,7 @@
 //! their `Handle`, both driven with `block_on` on the shared tokio runtime.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, WatchOptions};
@@ -49,6 +49,8 @@ impl System {
 /// clients and the embedded nodes share.
 pub struct Deployment {
     pub runtime: tokio::runtime::Handle,
+    /// The `mantissa` binary, for scenarios that start clusters of their own (scheduling).
+    pub mantissa_bin: PathBuf,
     pub etcd: EtcdCluster,
     pub agents: agent::Cluster,
     pub embedded: Embedded,
@@ -125,6 +127,7 @@ impl Deployment {
         let embedded = runtime.block_on(Embedded::start())?;
         Ok(Deployment {
             runtime,
+            mantissa_bin: mantissa_bin.to_path_buf(),
             etcd,
             agents,
             embedded,

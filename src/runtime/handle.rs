@@ -17,7 +17,7 @@ use crate::crdt::{
     VersionVector,
 };
 use crate::gossip::{self, Member, MemberName, Node, Transmit};
-use crate::runtime::scheduling::{self, Roles, RoundReport, SchedulingView};
+use crate::runtime::scheduling::{self, RoundReport, RoundRequest, SchedulingView};
 use crate::runtime::storage::{Ack, Storage};
 use crate::runtime::{
     Channel, Inbox, StorageConfig, StorageError, StorageStats, TlsConfig, Transport,
@@ -217,7 +217,7 @@ pub(super) enum Command {
     Wait(Token, Instant, Reply<()>),
     Watch(Vec<u8>, Option<u64>, Reply<Watch>),
     Status(Reply<Status>),
-    Round(Roles, bool, Reply<RoundReport>),
+    Round(Box<RoundRequest>, Reply<RoundReport>),
     Scheduling(Reply<SchedulingView>),
     Nudge(Arc<Notify>),
     Shutdown(oneshot::Sender<()>),
@@ -333,6 +333,10 @@ fn launch(
         storage,
         unsaved: Vec::new(),
         nudges: Vec::new(),
+        seeded: config
+            .seeds
+            .iter()
+            .any(|seed| *seed != advertise && *seed != local),
     };
     tokio::spawn(driver.run(receiver, inbox));
     Ok(Handle {
@@ -639,6 +643,8 @@ struct Driver {
     unsaved: Vec<Ack>,
     /// Woken when scheduling keys or membership change, so scheduler loops run a round.
     nudges: Vec<Arc<Notify>>,
+    /// Started with seeds other than itself: a cluster exists to catch up from.
+    seeded: bool,
 }
 
 struct Watcher {
@@ -752,9 +758,10 @@ impl Driver {
             Command::Status(reply) => {
                 let _ = reply.send(Ok(self.status()));
             }
-            Command::Round(roles, gated, reply) => {
+            Command::Round(request, reply) => {
                 let wall = (self.wall_clock)();
-                let _ = reply.send(scheduling::round(&mut self.node, roles, gated, wall, now));
+                let round = scheduling::round(&mut self.node, *request, self.seeded, wall, now);
+                let _ = reply.send(round);
             }
             Command::Scheduling(reply) => {
                 let _ = reply.send(scheduling::view(&self.node));

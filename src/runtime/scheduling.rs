@@ -8,9 +8,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::crdt::Token;
@@ -39,9 +40,13 @@ pub struct Roles {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SyncState {
-    /// No live peer to catch up from.
+    /// No live peer, and the node was started without seeds: the first member of a new cluster,
+    /// with nobody to catch up from.
     Alone,
-    /// No live peer has yet been seen to hold nothing this node lacks.
+    /// No live peer yet, but the node was started with seeds: the cluster exists, and this node
+    /// waits for it rather than risk writing a ledger concurrent with one it wrote before.
+    NoPeer,
+    /// Live peers, but none has yet been seen to hold nothing this node lacks.
     Behind,
     /// A live peer reported a version this node covers.
     CaughtUp,
@@ -122,11 +127,11 @@ pub struct SchedulerConfig {
     /// How long a round waits after the change that triggered it, so a burst of claims is
     /// decided in one ledger write.
     pub batch_window: Duration,
-    /// With no peer for this long after the start, there is nothing to catch up from: start
-    /// scheduling.
+    /// A node started without seeds that finds no peer for this long is the first member of
+    /// a new cluster: it starts scheduling. A node started with seeds never schedules alone.
     pub alone_grace: Duration,
-    /// Stop waiting to catch up after this long (with a warning), so a node whose peers never
-    /// answer still schedules.
+    /// With live peers that have not confirmed this node caught up after this long, schedule
+    /// anyway (with a warning). Never applies while no peer is live.
     pub catch_up_limit: Duration,
 }
 
@@ -184,7 +189,7 @@ impl Handle {
     }
 
     /// Publishes this machine's offer. Refused for another machine's record: each machine is the
-    /// single writer of its own.
+    /// single writer of its own. [`Handle::run_scheduler`] does this itself, once caught up.
     pub async fn register_node(&self, record: &NodeRecord) -> Result<Token, HandleError> {
         if record.name != *self.name() {
             return Err(SchedError::NotOwner {
@@ -233,20 +238,27 @@ impl Handle {
         roles: Roles,
         gated: bool,
     ) -> Result<RoundReport, HandleError> {
-        self.ask(|reply| Command::Round(roles, gated, reply)).await
+        let request = RoundRequest {
+            roles,
+            gated,
+            register: None,
+        };
+        self.ask(|reply| Command::Round(Box::new(request), reply))
+            .await
     }
 
-    /// Starts the loop that registers this machine's offer and then runs a round whenever
-    /// scheduling state or membership changes, and at least every `config.interval`. The
-    /// first round waits until this node has caught up with a live peer (or found none).
+    /// Starts the loop that runs a round whenever scheduling state or membership changes, and
+    /// at least every `config.interval`. The first round waits until this node has caught up
+    /// with a live peer (or, started without seeds, found none); it registers the offer.
     pub async fn run_scheduler(&self, config: SchedulerConfig) -> Result<Scheduler, HandleError> {
-        if let Some(offer) = &config.offer {
-            self.register_node(offer).await?;
-            info!(
-                cpu_millis = offer.capacity.cpu_millis,
-                memory_bytes = offer.capacity.memory_bytes,
-                "offering this machine"
-            );
+        if let Some(offer) = &config.offer
+            && offer.name != *self.name()
+        {
+            return Err(SchedError::NotOwner {
+                node: offer.name.clone(),
+                me: self.name().clone(),
+            }
+            .into());
         }
         let notify = Arc::new(Notify::new());
         let (sender, receiver) = oneshot::channel();
@@ -265,10 +277,12 @@ async fn scheduler_loop(
     let roles = config.roles();
     let started = Instant::now();
     let mut caught_up = false;
+    let mut registered = false;
+    let mut last_warning = started;
     info!(
         plan = roles.plan,
         admit = roles.admit,
-        "scheduler loop started"
+        "scheduler loop started; catching up before the first round"
     );
     loop {
         tokio::select! {
@@ -276,25 +290,59 @@ async fn scheduler_loop(
             () = tokio::time::sleep(config.interval) => {}
             _ = &mut stop => break,
         }
-        let gated = !caught_up && started.elapsed() < config.catch_up_limit;
-        match handle.schedule_round(roles, gated).await {
+        let request = RoundRequest {
+            roles,
+            gated: !caught_up,
+            // The offer goes with the first round that runs, once caught up: written earlier, it
+            // could be concurrent with the record this machine wrote before a restart.
+            register: if registered {
+                None
+            } else {
+                config.offer.clone()
+            },
+        };
+        match handle
+            .ask(|reply| Command::Round(Box::new(request), reply))
+            .await
+        {
             Ok(report) => match report.skipped {
-                Some(SyncState::Alone) if started.elapsed() >= config.alone_grace => {
-                    info!("no peer to catch up from; scheduling alone");
-                    caught_up = true;
-                    notify.notify_one();
-                }
-                Some(state) => debug!(?state, "scheduling waits to catch up with a peer"),
                 None => {
-                    if !caught_up {
-                        if gated {
-                            info!("caught up with a peer; scheduling");
-                        } else {
-                            warn!(limit = ?config.catch_up_limit, "no peer confirmed this node caught up; scheduling anyway");
+                    if !registered {
+                        info!("caught up; scheduling");
+                        if let Some(offer) = &config.offer {
+                            info!(
+                                cpu_millis = offer.capacity.cpu_millis,
+                                memory_bytes = offer.capacity.memory_bytes,
+                                "offering this machine"
+                            );
                         }
                         caught_up = true;
+                        registered = true;
                     }
                     log_round(&report);
+                }
+                Some(state) => {
+                    let waited = started.elapsed();
+                    let proceed = match state {
+                        SyncState::Alone => waited >= config.alone_grace,
+                        SyncState::Behind => waited >= config.catch_up_limit,
+                        _ => false,
+                    };
+                    if proceed {
+                        if state == SyncState::Behind {
+                            warn!(limit = ?config.catch_up_limit, "live peers have not confirmed this node caught up; scheduling anyway");
+                        } else {
+                            info!("no peer and no seeds: the first member of a new cluster");
+                        }
+                        // Let the next round through the gate; it registers the offer.
+                        caught_up = true;
+                        notify.notify_one();
+                    } else if last_warning.elapsed() >= WAIT_WARNING {
+                        last_warning = Instant::now();
+                        warn!(?state, ?waited, "scheduling waits to catch up with a peer");
+                    } else {
+                        debug!(?state, "scheduling waits to catch up with a peer");
+                    }
                 }
             },
             Err(HandleError::Stopped) => break,
@@ -321,21 +369,43 @@ fn log_round(report: &RoundReport) {
     }
 }
 
+/// How often a node that waits to catch up says so at warning level.
+const WAIT_WARNING: Duration = Duration::from_secs(30);
+
+/// What one [`Command::Round`] asks for.
+pub(super) struct RoundRequest {
+    roles: Roles,
+    /// Skip the round unless this node has caught up with a live peer.
+    gated: bool,
+    /// Publish this record before the round, when it runs.
+    register: Option<NodeRecord>,
+}
+
 /// One round over the node's replica; the node's task calls this for [`Command::Round`].
+/// `seeded`: the node was started with seeds other than itself.
 pub(super) fn round(
     node: &mut Node,
-    roles: Roles,
-    gated: bool,
+    request: RoundRequest,
+    seeded: bool,
     wall_millis: u64,
-    now: Instant,
+    now: std::time::Instant,
 ) -> Result<RoundReport, HandleError> {
     let mut report = RoundReport::default();
-    if gated {
-        let state = sync_state(node);
+    if request.gated {
+        let state = sync_state(node, seeded);
         if state != SyncState::CaughtUp {
             report.skipped = Some(state);
             return Ok(report);
         }
+    }
+    let roles = request.roles;
+    if let Some(record) = request.register {
+        node.write(now, |replica| {
+            Cluster::new(replica)
+                .register_node(&record, wall_millis)
+                .map(Some)
+        })?;
+        report.writes += 1;
     }
     let me = node.me().name.clone();
     let live = live(node);
@@ -388,10 +458,14 @@ fn live(node: &Node) -> BTreeSet<MemberName> {
         .collect()
 }
 
-fn sync_state(node: &Node) -> SyncState {
+fn sync_state(node: &Node, seeded: bool) -> SyncState {
     let mut peers = node.members().peekable();
     if peers.peek().is_none() {
-        return SyncState::Alone;
+        return if seeded {
+            SyncState::NoPeer
+        } else {
+            SyncState::Alone
+        };
     }
     let version = node.replica().version();
     let reports = node.reports();

@@ -262,6 +262,18 @@ pub(crate) fn predict(
 }
 
 /// Runs one admission round of `node` on its own replica.
+/// Whether the register at `key` holds concurrent versions.
+///
+/// A machine's ledger only does after the machine lost its data and wrote a new ledger before it
+/// received its previous one. Rewriting it replaces every version this replica has seen with the
+/// one it reads (the newest); allocations only an older version held are released with it.
+fn has_siblings(replica: &Replica, key: &crate::crdt::Key) -> Result<bool, SchedError> {
+    Ok(matches!(
+        replica.get(key)?,
+        Some(crate::crdt::Value::Register(register)) if !register.siblings.is_empty()
+    ))
+}
+
 pub(crate) fn admit(
     replica: &mut Replica,
     node: &MemberName,
@@ -299,7 +311,7 @@ pub(crate) fn admit(
         generation: round.previous.generation,
         ..ledger.clone()
     } != round.previous;
-    if changed {
+    if changed || has_siblings(replica, &keys::ledger(node))? {
         ledger.generation = round.previous.generation + 1;
         let value = keys::encode(&ledger);
         deltas.push(replica.put(keys::ledger(node), value, now_millis)?);
