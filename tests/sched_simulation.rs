@@ -51,9 +51,7 @@
 mod turmoil_socket;
 
 use std::cell::RefCell;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
@@ -862,67 +860,15 @@ async fn node_software(state: Shared, k: usize, tls: TlsConfig) -> turmoil::Resu
     Ok(())
 }
 
-/// quinn's endpoint settings: reset and connection-id keys from `host_key`, the rest from `rng`.
+/// quinn's endpoint settings for a node, drawn from `rng` (see
+/// [`turmoil_socket::endpoint_config`]).
 fn endpoint_config(host_key: u64, rng: &mut Rng) -> quinn::EndpointConfig {
-    let mut endpoint = quinn::EndpointConfig::new(Arc::new(ResetKey(host_key)));
-    let cids = rng.next();
-    endpoint.cid_generator(move || Box::new(Cids(Rng::new(cids))));
+    let cid_seed = rng.next();
     let mut seed = [0u8; 32];
     for chunk in seed.chunks_mut(8) {
         chunk.copy_from_slice(&rng.next().to_le_bytes());
     }
-    endpoint.rng_seed(Some(seed));
-    endpoint
-}
-
-/// A keyed hash in place of HMAC for stateless-reset tokens (no simulated peer forges them).
-struct ResetKey(u64);
-
-impl ResetKey {
-    fn tag(&self, data: &[u8]) -> [u8; 32] {
-        let mut tag = [0u8; 32];
-        for (i, chunk) in tag.chunks_mut(8).enumerate() {
-            let mut hasher = DefaultHasher::new();
-            (self.0, i, data).hash(&mut hasher);
-            chunk.copy_from_slice(&hasher.finish().to_le_bytes());
-        }
-        tag
-    }
-}
-
-impl quinn::crypto::HmacKey for ResetKey {
-    fn sign(&self, data: &[u8], out: &mut [u8]) {
-        out.copy_from_slice(&self.tag(data)[..out.len()]);
-    }
-
-    fn signature_len(&self) -> usize {
-        32
-    }
-
-    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
-        if self.tag(data)[..] == *signature {
-            Ok(())
-        } else {
-            Err(quinn::crypto::CryptoError)
-        }
-    }
-}
-
-/// Seeded 8-byte connection ids.
-struct Cids(Rng);
-
-impl quinn::ConnectionIdGenerator for Cids {
-    fn generate_cid(&mut self) -> quinn::ConnectionId {
-        quinn::ConnectionId::new(&self.0.next().to_le_bytes())
-    }
-
-    fn cid_len(&self) -> usize {
-        8
-    }
-
-    fn cid_lifetime(&self) -> Option<Duration> {
-        None
-    }
+    turmoil_socket::endpoint_config(host_key, cid_seed, seed)
 }
 
 // ---------------------------------------------------------------------------------------------

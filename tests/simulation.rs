@@ -643,74 +643,15 @@ async fn node_software(state: Shared, k: usize, tls: TlsConfig) -> turmoil::Resu
     Ok(())
 }
 
-/// quinn's endpoint settings for a node: its stateless-reset key and connection-id generator
-/// keyed by `host_key`, and every other random choice drawn from `rng`.
-///
-/// With the same `host_key` after a restart, the node recognises connection ids it issued before
-/// the crash and answers packets on those dead connections with a stateless reset its peers
-/// accept, so they drop the dead connection at once instead of after the idle timeout.
+/// quinn's endpoint settings for a node, drawn from `rng` (see
+/// [`turmoil_socket::endpoint_config`]).
 fn endpoint_config(host_key: u64, rng: &mut Rng) -> quinn::EndpointConfig {
-    let mut endpoint = quinn::EndpointConfig::new(Arc::new(ResetKey(host_key)));
     let cid_seed = rng.next();
-    endpoint.cid_generator(move || Box::new(CidGenerator(Rng::new(cid_seed))));
     let mut seed = [0u8; 32];
     for chunk in seed.chunks_mut(8) {
         chunk.copy_from_slice(&rng.next().to_le_bytes());
     }
-    endpoint.rng_seed(Some(seed));
-    endpoint
-}
-
-/// A keyed hash standing in for HMAC: stateless-reset tokens only need to be unforgeable by
-/// someone without the key, which no simulated peer tries.
-struct ResetKey(u64);
-
-impl ResetKey {
-    fn digest(&self, data: &[u8]) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for (i, chunk) in out.chunks_mut(8).enumerate() {
-            let mut hasher = DefaultHasher::new();
-            (self.0, i, data).hash(&mut hasher);
-            chunk.copy_from_slice(&hasher.finish().to_le_bytes());
-        }
-        out
-    }
-}
-
-impl quinn::crypto::HmacKey for ResetKey {
-    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
-        signature_out.copy_from_slice(&self.digest(data)[..signature_out.len()]);
-    }
-
-    fn signature_len(&self) -> usize {
-        32
-    }
-
-    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
-        if self.digest(data)[..] == *signature {
-            Ok(())
-        } else {
-            Err(quinn::crypto::CryptoError)
-        }
-    }
-}
-
-/// Seeded 8-byte connection ids. It accepts every id as possibly its own (quinn's default
-/// `validate`), so packets for connections of a previous incarnation get a stateless reset.
-struct CidGenerator(Rng);
-
-impl quinn::ConnectionIdGenerator for CidGenerator {
-    fn generate_cid(&mut self) -> quinn::ConnectionId {
-        quinn::ConnectionId::new(&self.0.next().to_le_bytes())
-    }
-
-    fn cid_len(&self) -> usize {
-        8
-    }
-
-    fn cid_lifetime(&self) -> Option<Duration> {
-        None
-    }
+    turmoil_socket::endpoint_config(host_key, cid_seed, seed)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,13 +5,16 @@
 //! `try_send_to` and `try_recv_from`. Sends never fail towards quinn: a datagram turmoil refuses
 //! is dropped, as a real network would, instead of failing quinn's endpoint driver.
 
+use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -122,5 +125,75 @@ impl AsyncUdpSocket for TurmoilUdpSocket {
 
     fn may_fragment(&self) -> bool {
         false
+    }
+}
+
+/// quinn's endpoint settings for a simulated node: its stateless-reset key and connection-id
+/// generator keyed by `host_key`, connection ids drawn from `cid_seed`, and every other random
+/// choice of quinn from `rng_seed`.
+///
+/// With the same `host_key` after a restart, the node recognises connection ids it issued before
+/// the crash and answers packets on those dead connections with a stateless reset its peers
+/// accept, so they drop the dead connection at once instead of after the idle timeout.
+pub fn endpoint_config(host_key: u64, cid_seed: u64, rng_seed: [u8; 32]) -> quinn::EndpointConfig {
+    let mut endpoint = quinn::EndpointConfig::new(Arc::new(ResetKey(host_key)));
+    endpoint.cid_generator(move || Box::new(CidGenerator(cid_seed)));
+    endpoint.rng_seed(Some(rng_seed));
+    endpoint
+}
+
+/// A keyed hash standing in for HMAC: stateless-reset tokens only need to be unforgeable by
+/// someone without the key, which no simulated peer tries.
+struct ResetKey(u64);
+
+impl ResetKey {
+    fn digest(&self, data: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            let mut hasher = DefaultHasher::new();
+            (self.0, i, data).hash(&mut hasher);
+            chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+        }
+        out
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        signature_out.copy_from_slice(&self.digest(data)[..signature_out.len()]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        if self.digest(data)[..] == *signature {
+            Ok(())
+        } else {
+            Err(quinn::crypto::CryptoError)
+        }
+    }
+}
+
+/// Seeded 8-byte connection ids (splitmix64). It accepts every id as possibly its own (quinn's
+/// default `validate`), so packets for connections of a previous incarnation get a reset.
+struct CidGenerator(u64);
+
+impl quinn::ConnectionIdGenerator for CidGenerator {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        quinn::ConnectionId::new(&(z ^ (z >> 31)).to_le_bytes())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
     }
 }
