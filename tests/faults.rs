@@ -45,6 +45,10 @@ const GOSSIP_PORT: u16 = 7701;
 const CONVERGENCE: Duration = Duration::from_secs(30);
 /// How long an agent gets to start answering, or to exit after SIGTERM.
 const PATIENCE: Duration = Duration::from_secs(30);
+/// How long after healing every task may still be held twice. Longer than [`CONVERGENCE`]:
+/// after back-to-back partitions, two members may count each other dead for up to about a
+/// minute (SWIM's periodic announcements bring them back), and each keeps its copy meanwhile.
+const SCHEDULING_CONVERGENCE: Duration = Duration::from_secs(90);
 /// `wait=` on requests carrying a token: short, so that a client stuck behind a partition moves
 /// on (a `504` is a definite failure) instead of holding its history still.
 const CLIENT_WAIT: &str = "3s";
@@ -240,7 +244,11 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
     if let Some(violation) = cluster.tokens_satisfiable(&history, &tokens) {
         violations.push(violation);
     }
-    violations.extend(sched::check_converged(&addrs, &scheduling, CONVERGENCE));
+    violations.extend(sched::check_converged(
+        &addrs,
+        &scheduling,
+        SCHEDULING_CONVERGENCE,
+    ));
     if violations.is_empty() {
         return Ok(());
     }

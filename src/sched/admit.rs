@@ -45,6 +45,10 @@ pub enum ReleaseCause {
     NodeGone,
 }
 
+/// How long a machine remembers refusing a claim for a task another machine holds: several
+/// maximal backoffs, so a scheduler that counts the holder dead retries slowly, not in a loop.
+const DUPLICATE_REJECTION_KEPT_MILLIS: u64 = 6 * crate::sched::BACKOFF_MAX_MILLIS;
+
 /// The inputs of one admission round on a machine, derived from a view.
 struct Round {
     record: Option<NodeRecord>,
@@ -185,7 +189,17 @@ impl Round {
             .cloned()
             .collect();
         rejected.extend(fresh.into_values());
-        rejected.retain(|rejection| still_waiting(&rejection.task));
+        // A duplicate-task rejection stays a while even though another machine holds the task:
+        // the scheduler that claimed it may count that machine dead (membership views differ for
+        // a while after a partition), and without the rejection it would claim again at once,
+        // round after round, instead of backing off.
+        let recent_duplicate = |rejection: &Rejection| {
+            rejection.reason == RejectReason::DuplicateTask
+                && self.wanted.contains(&rejection.task)
+                && !admitted_now.contains(&rejection.task)
+                && at.millis.saturating_sub(rejection.at.millis) <= DUPLICATE_REJECTION_KEPT_MILLIS
+        };
+        rejected.retain(|rejection| still_waiting(&rejection.task) || recent_duplicate(rejection));
         rejected.sort_by(|a, b| a.task.cmp(&b.task));
         let mut ledger = Ledger {
             node: self.previous.node.clone(),
