@@ -26,6 +26,9 @@
 //! the member-down events it saw, and no idle traffic. `--sizes 1000 --view-from 1000` checks the
 //! mode against the full 1,000-node run.
 
+#[path = "common/process.rs"]
+mod process;
+
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::process::{Command, Stdio};
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use mantissa::crdt::Key;
 use mantissa::gossip::{Config, NetworkModel, Simulation, Stats};
+use process::{peak_rss_kib, reset_peak_rss};
 
 /// Writes counted as "first" (before the push tree has pruned itself).
 const FIRST_WRITES: usize = 10;
@@ -594,15 +598,4 @@ fn idle_row(run: &Run) -> Option<String> {
     }
     row.push_str(&format!(" {:.1} |", run.idle));
     Some(row)
-}
-
-/// Resets the process's peak resident set (VmHWM), so a run in-process reports its own.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -8,6 +8,8 @@
 //! Results and the targets they are checked against: `docs/benchmarks.md`.
 
 mod common;
+#[path = "common/process.rs"]
+mod process;
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::BTreeMap;
@@ -20,6 +22,7 @@ use common::*;
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput};
 use mantissa::crdt::{Delta, Key, NodeId, Replica, ReplicaConfig, VersionVector};
+use process::thread_cpu_time;
 
 /// Keys in the replica the point operations run against.
 const KEYS: usize = 100_000;
@@ -55,30 +58,6 @@ impl Clock {
             ORIGIN.get_or_init(Instant::now).elapsed()
         }
     }
-}
-
-#[repr(C)]
-struct Timespec {
-    seconds: i64,
-    nanoseconds: i64,
-}
-
-unsafe extern "C" {
-    /// From the C library std already links.
-    fn clock_gettime(clock: i32, time: *mut Timespec) -> i32;
-}
-
-/// CPU time consumed by the calling thread (Linux x86-64 only, like the rest of this setup).
-fn thread_cpu_time() -> Duration {
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut time = Timespec {
-        seconds: 0,
-        nanoseconds: 0,
-    };
-    // SAFETY: `time` is a valid, writable timespec for the duration of the call.
-    let status = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut time) };
-    assert_eq!(status, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    Duration::new(time.seconds as u64, time.nanoseconds as u32)
 }
 
 impl Measurement for Clock {

@@ -44,6 +44,9 @@
 //! is held by two machines, that no task was admitted twice, and that a sample of machines has
 //! nothing left to decide or release in a further admission round.
 
+#[path = "common/process.rs"]
+mod process;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -53,6 +56,7 @@ use mantissa::sched::{
     ALLOC, Admitted, Cluster, ClusterView, JobSpec, Ledger, Name, NodeRecord, Plan, Resources,
     TaskGroup, TaskId, backoff_millis,
 };
+use process::{peak_rss_kib, reset_peak_rss, thread_cpu_time};
 
 /// The simulated wall clock at the first round (ms).
 const EPOCH_MS: u64 = 1_764_000_000_000;
@@ -1084,43 +1088,4 @@ fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-// ---- clocks and memory ----
-
-#[repr(C)]
-struct Timespec {
-    seconds: i64,
-    nanoseconds: i64,
-}
-
-unsafe extern "C" {
-    /// From the C library std already links.
-    fn clock_gettime(clock: i32, time: *mut Timespec) -> i32;
-}
-
-/// CPU time consumed by the calling thread (Linux only, like the rest of this setup): the
-/// machine is shared, and wall time would count waiting for a core.
-fn thread_cpu_time() -> Duration {
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut time = Timespec {
-        seconds: 0,
-        nanoseconds: 0,
-    };
-    // SAFETY: `time` is a valid, writable timespec for the duration of the call.
-    let status = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut time) };
-    assert_eq!(status, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    Duration::new(time.seconds as u64, time.nanoseconds as u32)
-}
-
-/// Resets the process's peak resident set (VmHWM), so each run reports its own.
-fn reset_peak_rss() {
-    // Best effort: without it the peak covers the earlier runs too.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

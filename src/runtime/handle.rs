@@ -896,9 +896,10 @@ impl Driver {
             }
             return;
         };
-        if fresh
-            .iter()
-            .any(|event| crate::sched::is_reserved(event.key.as_bytes()))
+        if !self.nudges.is_empty()
+            && fresh
+                .iter()
+                .any(|event| crate::sched::is_reserved(event.key.as_bytes()))
         {
             self.nudge();
         }

@@ -165,21 +165,29 @@ mod tests {
         Name::new(text).expect("valid")
     }
 
-    #[test]
-    fn a_job_reports_admitted_claimed_and_pending_tasks() {
+    /// Machine n1 (1 CPU) offers itself, job `web` asks for `count` tasks of 0.4 CPU, and
+    /// scheduler s1 plans once.
+    fn planned(replica: &mut Replica, count: u32) -> (MemberName, BTreeSet<MemberName>) {
         let (node, scheduler) = (member("n1"), member("s1"));
         let live = BTreeSet::from([node.clone(), scheduler.clone()]);
-        let mut replica = Replica::new(NodeId(1));
-        let mut cluster = Cluster::new(&mut replica);
+        let mut cluster = Cluster::new(replica);
         let offer = NodeRecord::new(node.clone(), Resources::new(1_000, 1 << 30));
         cluster.register_node(&offer, 1).expect("registers");
         let job = JobSpec::new(name("web")).group(TaskGroup::new(
             name("api"),
-            3,
+            count,
             Resources::new(400, 1 << 20),
         ));
         cluster.submit_job(&job, 2).expect("submits");
         cluster.plan(&scheduler, &live, 3).expect("plans");
+        (node, live)
+    }
+
+    #[test]
+    fn a_job_reports_admitted_claimed_and_pending_tasks() {
+        let mut replica = Replica::new(NodeId(1));
+        let (node, live) = planned(&mut replica, 3);
+        let mut cluster = Cluster::new(&mut replica);
         let view = cluster.view().expect("reads");
         let claimed = view.job_status(&name("web"), &live).expect("known job");
         assert_eq!(
@@ -205,19 +213,9 @@ mod tests {
 
     #[test]
     fn a_pending_task_shows_why_a_machine_refused_it() {
-        let (node, scheduler) = (member("n1"), member("s1"));
-        let live = BTreeSet::from([node.clone(), scheduler.clone()]);
         let mut replica = Replica::new(NodeId(1));
+        let (node, live) = planned(&mut replica, 1);
         let mut cluster = Cluster::new(&mut replica);
-        let offer = NodeRecord::new(node.clone(), Resources::new(1_000, 1 << 30));
-        cluster.register_node(&offer, 1).expect("registers");
-        let job = JobSpec::new(name("web")).group(TaskGroup::new(
-            name("api"),
-            1,
-            Resources::new(400, 1 << 20),
-        ));
-        cluster.submit_job(&job, 2).expect("submits");
-        cluster.plan(&scheduler, &live, 3).expect("plans");
         // The machine shrank before it decided: the claim no longer fits.
         let smaller = NodeRecord::new(node.clone(), Resources::new(100, 1 << 30));
         cluster.register_node(&smaller, 4).expect("registers");
