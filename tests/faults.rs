@@ -49,6 +49,11 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// after back-to-back partitions, two members may count each other dead for up to about a
 /// minute (SWIM's periodic announcements bring them back), and each keeps its copy meanwhile.
 const SCHEDULING_CONVERGENCE: Duration = Duration::from_secs(90);
+/// Once the workload's keys and the scheduling state have converged, how long every node gets
+/// to report the same state digest. The version vectors are equal by then; what differs is
+/// tombstones, which each node collects on its own 10 s timer once it knows every member has
+/// seen the delete (observed: up to 20 s after the workload converged, CI seed 2).
+const DIGEST_PATIENCE: Duration = Duration::from_secs(60);
 /// `wait=` on requests carrying a token: short, so that a client stuck behind a partition moves
 /// on (a `504` is a definite failure) instead of holding its history still.
 const CLIENT_WAIT: &str = "3s";
@@ -249,6 +254,7 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
         &scheduling,
         SCHEDULING_CONVERGENCE,
     ));
+    violations.extend(cluster.digests_agree());
     if violations.is_empty() {
         return Ok(());
     }
@@ -498,7 +504,7 @@ impl FaultCluster {
                 node,
                 &Faults {
                     blocked,
-                    loss_percent: 0,
+                    ..Faults::default()
                 },
             )?;
         }
@@ -508,7 +514,7 @@ impl FaultCluster {
                 node,
                 &Faults {
                     blocked,
-                    loss_percent: 0,
+                    ..Faults::default()
                 },
             )?;
         }
@@ -567,6 +573,39 @@ impl FaultCluster {
                 return finals;
             }
             std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Whether every node reports the same state digest (`GET /v1/digest`: every key, the
+    /// scheduling state's included, and every tombstone) within [`DIGEST_PATIENCE`].
+    fn digests_agree(&self) -> Option<Violation> {
+        let deadline = Instant::now() + DIGEST_PATIENCE;
+        let started = Instant::now();
+        loop {
+            let digests: Vec<Option<String>> = (0..self.nodes.len())
+                .map(|node| {
+                    self.read_json(node, "/v1/digest")
+                        .and_then(|json| json["digest"].as_str().map(str::to_owned))
+                })
+                .collect();
+            if digests[0].is_some() && digests.iter().all(|digest| *digest == digests[0]) {
+                println!(
+                    "faults: identical state digests {:.1?} after the other checks",
+                    started.elapsed()
+                );
+                return None;
+            }
+            if Instant::now() > deadline {
+                return Some(Violation {
+                    check: "convergence (state digests)",
+                    detail: format!(
+                        "the nodes' state digests still differ {DIGEST_PATIENCE:?} after the \
+                         workload converged: {digests:?}"
+                    ),
+                    ops: Vec::new(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

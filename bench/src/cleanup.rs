@@ -1,4 +1,5 @@
-//! What to remove when the run is interrupted: child processes and scratch directories.
+//! What to remove when the run is interrupted: child processes, scratch directories and network
+//! namespaces.
 //!
 //! Every process the harness starts and every directory it creates is registered here. Normal
 //! exits clean up through `Drop` (the guards unregister what they removed); a ctrl-c or SIGTERM
@@ -11,6 +12,7 @@ use std::sync::Mutex;
 
 static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 /// Installs the ctrl-c / SIGTERM handler.
 pub fn install() -> Result<(), String> {
@@ -33,6 +35,14 @@ pub fn unregister_dir(dir: &Path) {
     lock(&DIRS).retain(|registered| registered != dir);
 }
 
+pub fn register_namespace(name: &str) {
+    lock(&NAMESPACES).push(name.to_owned());
+}
+
+pub fn unregister_namespace(name: &str) {
+    lock(&NAMESPACES).retain(|registered| registered != name);
+}
+
 fn interrupted() {
     eprintln!("\ninterrupted: stopping every process this run started");
     for pid in lock(&PIDS).drain(..) {
@@ -43,6 +53,13 @@ fn interrupted() {
     }
     for dir in lock(&DIRS).drain(..) {
         let _ = std::fs::remove_dir_all(dir);
+    }
+    // After the processes inside them are gone; deleting the hub removes the host's link too.
+    for name in lock(&NAMESPACES).drain(..) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
     }
     std::process::exit(130);
 }

@@ -4,13 +4,17 @@
 //!
 //! ```sh
 //! cargo build --release                                   # the mantissa binary, at the root
-//! cargo run --release --manifest-path bench/Cargo.toml -- [--quick] [--out FILE.json] [SCENARIO...]
+//! cargo run --release --manifest-path bench/Cargo.toml -- [--quick] [--out FILE.json] [--plots DIR] [SCENARIO...]
 //! ```
 
 #[path = "../../tests/support/agent.rs"]
 mod agent;
 mod cleanup;
 mod etcd;
+mod isolated;
+#[path = "../../tests/support/netns.rs"]
+mod netns;
+mod plot;
 mod progress;
 mod report;
 mod scenarios;
@@ -28,12 +32,14 @@ use scenarios::{Plan, Scenario, VALUE_LEN};
 use systems::Deployment;
 
 const USAGE: &str = "\
-usage: cargo run --release --manifest-path bench/Cargo.toml -- [--quick] [--out FILE.json] [SCENARIO...]
+usage: cargo run --release --manifest-path bench/Cargo.toml -- [--quick] [--out FILE.json] [--plots DIR] [SCENARIO...]
 
   --quick        short run (< 3 minutes on 2 cores): fewer client counts, 3 s per case
   --out FILE     where to write every figure as JSON (default: bench-results.json)
-  SCENARIO       write, read, visibility, watch, scheduling (default: all of them)
-                 partition, bandwidth: not built yet
+  --plots DIR    where to write the latency CDFs, one SVG per scenario
+                 (default: FILE's name without .json, then -plots: bench-results-plots/)
+  SCENARIO       write, read, visibility, partition, watch, bandwidth, scheduling
+                 (default: all of them; partition and bandwidth need root, `ip` and `nft`)
 
 environment: MANTISSA_BIN (default: release/mantissa in CARGO_TARGET_DIR, else ../target/release/mantissa relative to bench/),
              ETCD_BIN (default: etcd on the PATH)";
@@ -49,6 +55,7 @@ and the visibility figures are where the difference shows.";
 struct Options {
     quick: bool,
     out: PathBuf,
+    plots: Option<PathBuf>,
     scenarios: Vec<Scenario>,
 }
 
@@ -73,12 +80,16 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut options = Options {
         quick: false,
         out: PathBuf::from("bench-results.json"),
+        plots: None,
         scenarios: Vec::new(),
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => options.quick = true,
             "--out" => options.out = args.next().ok_or("--out needs a file name")?.into(),
+            "--plots" => {
+                options.plots = Some(args.next().ok_or("--plots needs a directory")?.into());
+            }
             "-h" | "--help" => {
                 return Err("Consistency benchmarks: mantissa and etcd side by side.".into());
             }
@@ -89,7 +100,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
         }
     }
     if options.scenarios.is_empty() {
-        options.scenarios = Scenario::ALL.into_iter().filter(|s| s.built()).collect();
+        options.scenarios = Scenario::ALL.to_vec();
     }
     Ok(options)
 }
@@ -119,48 +130,34 @@ fn run(options: &Options) -> Result<(), String> {
         leader.as_deref().unwrap_or("unknown")
     );
 
+    let plots = options.plots.clone().unwrap_or_else(|| {
+        let stem = options
+            .out
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
+        options.out.with_file_name(format!("{stem}-plots"))
+    });
     let mut results = serde_json::Map::new();
-    let mut not_yet = Vec::new();
+    let mut reports = Vec::new();
     let mut failures = Vec::new();
     for &scenario in &options.scenarios {
-        match scenario.run(&deployment, &plan, &progress) {
-            Some(report) => {
-                progress.clear();
-                println!("{}", report.table());
-                failures.extend(
-                    report
-                        .failures
-                        .iter()
-                        .map(|failure| format!("{}: {failure}", scenario.name())),
-                );
-                results.insert(scenario.name().to_owned(), report.json());
-                // Written after every scenario, so an interrupted run keeps what it measured.
-                write_json(
-                    &options.out,
-                    &meta,
-                    &results,
-                    &not_yet,
-                    leader.as_deref(),
-                    &progress,
-                )?;
-            }
-            None => not_yet.push(scenario.name()),
-        }
+        let report = scenario.run(&deployment, &plan, &progress);
+        progress.clear();
+        println!("{}", report.table());
+        failures.extend(
+            report
+                .failures
+                .iter()
+                .map(|failure| format!("{}: {failure}", scenario.name())),
+        );
+        results.insert(scenario.name().to_owned(), report.json());
+        // Written after every scenario, so an interrupted run keeps what it measured.
+        write_json(&options.out, &meta, &results, leader.as_deref(), &progress)?;
+        reports.push(report);
+        plot::write_all(&plots, &reports)?;
     }
-    for scenario in Scenario::ALL.into_iter().filter(|s| !s.built()) {
-        if !not_yet.contains(&scenario.name()) {
-            not_yet.push(scenario.name());
-        }
-    }
-    write_json(
-        &options.out,
-        &meta,
-        &results,
-        &not_yet,
-        leader.as_deref(),
-        &progress,
-    )?;
-    println!("Not built yet: {}, and plots.", not_yet.join(", "));
+    println!("Latency CDFs: {}/<scenario>.svg", plots.display());
     println!(
         "Every figure: {} (run took {:.0} s).",
         options.out.display(),
@@ -283,24 +280,23 @@ fn print_header(meta: &Json, plan: &Plan) {
         if plan.quick { " (--quick)" } else { "" }
     );
     println!(
-        "- scheduling starts its own agent clusters (one per case, every agent offering \
-         capacity); its etcd column places the same tasks with compare-and-swap transactions"
+        "- partition and bandwidth start their own clusters (3 agents, 3 etcd members) in network \
+         namespaces; scheduling starts its own agent clusters (one per case, every agent offering \
+         capacity); its etcd column places the same tasks with compare-and-swap transactions\n"
     );
-    println!("- not built yet: partition, bandwidth, plots\n");
 }
 
 fn write_json(
     out: &std::path::Path,
     meta: &Json,
     results: &serde_json::Map<String, Json>,
-    not_yet: &[&str],
     leader: Option<&str>,
     progress: &Progress,
 ) -> Result<(), String> {
     let mut meta = meta.clone();
     meta["etcd_leader"] = json!(leader);
     meta["run_seconds"] = json!(progress.elapsed_secs());
-    let document = json!({ "meta": meta, "scenarios": results, "not_yet": not_yet });
+    let document = json!({ "meta": meta, "scenarios": results });
     let text = serde_json::to_string_pretty(&document).expect("a JSON value serializes");
     std::fs::write(out, text + "\n").map_err(|err| format!("cannot write {}: {err}", out.display()))
 }

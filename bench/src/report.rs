@@ -53,6 +53,8 @@ pub enum Layout {
     Distribution,
     /// placements/s, conflicts and their share, per-job and per-task p50/p99, max.
     Scheduling,
+    /// Figures from each row's `detail`: (column header, detail field) pairs.
+    Figures(&'static [(&'static str, &'static str)]),
 }
 
 /// One scenario's rows, with how they were measured.
@@ -86,7 +88,7 @@ impl Row {
 
     pub fn error(&mut self, message: String) {
         self.errors += 1;
-        if self.error_samples.len() < 3 {
+        if self.error_samples.len() < 3 && !self.error_samples.contains(&message) {
             self.error_samples.push(message);
         }
     }
@@ -150,6 +152,7 @@ impl Report {
                 "task p99 ms",
                 "max ms",
             ],
+            Layout::Figures(columns) => columns.iter().map(|(header, _)| *header).collect(),
         };
         let _ = writeln!(
             out,
@@ -186,6 +189,10 @@ impl Report {
                         millis(percentile(&tasks, 1.0)),
                     ]
                 }
+                Layout::Figures(columns) => columns
+                    .iter()
+                    .map(|(_, field)| figure(&row.detail[*field]))
+                    .collect(),
             };
             let _ = writeln!(
                 out,
@@ -243,6 +250,15 @@ fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     }
     let rank = (q * sorted.len() as f64).ceil() as usize;
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// A detail figure for a table cell: whole numbers plainly, others to one decimal.
+fn figure(value: &Json) -> String {
+    match value.as_f64() {
+        None => "-".to_owned(),
+        Some(x) if x.abs() >= 100.0 || x.fract() == 0.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.1}"),
+    }
 }
 
 fn millis(value: Option<f64>) -> String {

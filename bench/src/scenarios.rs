@@ -1,13 +1,14 @@
 //! The scenarios: what each one drives into every system, and the rows it reports.
 //!
-//! Each built scenario is a function from the [`Deployment`] and the [`Plan`] to a [`Report`];
-//! the ones not built yet are listed in [`Scenario::ALL`] so the output and the docs say so,
-//! and a new one slots in as a variant, a name and a function.
+//! Each scenario is a function from the [`Deployment`] and the [`Plan`] to a [`Report`]; a new
+//! one slots in as a variant, a name and a function. Partition and bandwidth are in
+//! `isolated.rs` (they need a network of their own), scheduling in `scheduling.rs`.
 
 use std::collections::HashMap;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use crate::isolated::{self, IsolatedPlan};
 use crate::progress::Progress;
 use crate::report::{Layout, Report, Row};
 use crate::scheduling::{self, SchedulingPlan};
@@ -23,9 +24,9 @@ pub enum Scenario {
     Read,
     Visibility,
     Watch,
-    /// Not built yet: a member cut off, writes on both sides, time to heal.
+    /// A member cut off, clients on both sides, time to converge after the heal.
     Partition,
-    /// Not built yet: bytes on the wire per write, steady and catching up.
+    /// Bytes on the wire per write, and idle traffic.
     Bandwidth,
     /// Placements/s, submit-to-admitted and conflicts with 1, 3 and 10 concurrent schedulers
     /// (etcd: compare-and-swap placement, for reference).
@@ -51,6 +52,8 @@ pub struct Plan {
     pub watchers_per_member: Vec<usize>,
     /// Tasks, jobs and cases of the scheduling scenario.
     pub scheduling: SchedulingPlan,
+    /// Durations of the partition and bandwidth scenarios.
+    pub isolated: IsolatedPlan,
 }
 
 /// One timed operation.
@@ -100,26 +103,16 @@ impl Scenario {
             .find(|scenario| scenario.name() == name)
     }
 
-    pub fn built(self) -> bool {
-        matches!(
-            self,
-            Scenario::Write
-                | Scenario::Read
-                | Scenario::Visibility
-                | Scenario::Watch
-                | Scenario::Scheduling
-        )
-    }
-
-    /// Runs the scenario against every system; `None` when it is not built yet.
-    pub fn run(self, deployment: &Deployment, plan: &Plan, progress: &Progress) -> Option<Report> {
+    /// Runs the scenario against every system.
+    pub fn run(self, deployment: &Deployment, plan: &Plan, progress: &Progress) -> Report {
         match self {
-            Scenario::Write => Some(write(deployment, plan, progress)),
-            Scenario::Read => Some(read(deployment, plan, progress)),
-            Scenario::Visibility => Some(visibility(deployment, plan, progress)),
-            Scenario::Watch => Some(watch(deployment, plan, progress)),
-            Scenario::Scheduling => Some(scheduling::run(deployment, &plan.scheduling, progress)),
-            Scenario::Partition | Scenario::Bandwidth => None,
+            Scenario::Write => write(deployment, plan, progress),
+            Scenario::Read => read(deployment, plan, progress),
+            Scenario::Visibility => visibility(deployment, plan, progress),
+            Scenario::Watch => watch(deployment, plan, progress),
+            Scenario::Partition => isolated::partition(deployment, &plan.isolated, progress),
+            Scenario::Bandwidth => isolated::bandwidth(deployment, &plan.isolated, progress),
+            Scenario::Scheduling => scheduling::run(deployment, &plan.scheduling, progress),
         }
     }
 }
@@ -138,6 +131,7 @@ impl Plan {
                 propagation_interval: Duration::from_millis(10),
                 watchers_per_member: vec![1, 8],
                 scheduling: SchedulingPlan::new(true),
+                isolated: IsolatedPlan::new(true),
             }
         } else {
             Plan {
@@ -151,6 +145,7 @@ impl Plan {
                 propagation_interval: Duration::from_millis(10),
                 watchers_per_member: vec![1, 16],
                 scheduling: SchedulingPlan::new(false),
+                isolated: IsolatedPlan::new(false),
             }
         }
     }

@@ -178,6 +178,16 @@ pub struct Status {
     pub transport: TransportStats,
 }
 
+/// What [`Handle::digest`] answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateDigest {
+    /// [`Replica::digest`](crate::crdt::Replica::digest): equal on replicas that applied the same
+    /// writes and collected the same tombstones.
+    pub digest: u64,
+    /// Every write applied here (a token covering this state).
+    pub version: VersionVector,
+}
+
 /// A stream of change events for keys under a prefix, in the order this node applied them.
 ///
 /// Implements `futures_core::Stream`; [`Watch::next`] is the same without a combinator crate.
@@ -217,6 +227,7 @@ pub(super) enum Command {
     Wait(Token, Instant, Reply<()>),
     Watch(Vec<u8>, Option<u64>, Reply<Watch>),
     Status(Reply<Status>),
+    Digest(Reply<StateDigest>),
     Round(Box<RoundRequest>, Reply<RoundReport>),
     Scheduling(Reply<SchedulingView>),
     Nudge(Arc<Notify>),
@@ -555,6 +566,15 @@ impl Handle {
         answer.await.map_err(|_| HandleError::Stopped)?
     }
 
+    /// A hash of this replica's whole state, with the version it covers: members whose digests
+    /// are equal hold the same data. Costs a pass over the whole state on the node's task, so it
+    /// is for checks (has the cluster converged?), not for every request.
+    pub async fn digest(&self) -> Result<StateDigest, HandleError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Digest(reply)).await?;
+        answer.await.map_err(|_| HandleError::Stopped)?
+    }
+
     /// Leaves the cluster, delivers what is in flight, and stops the node.
     pub async fn shutdown(&self) -> Result<(), HandleError> {
         let (reply, answer) = oneshot::channel();
@@ -757,6 +777,13 @@ impl Driver {
             }
             Command::Status(reply) => {
                 let _ = reply.send(Ok(self.status()));
+            }
+            Command::Digest(reply) => {
+                let replica = self.node.replica();
+                let _ = reply.send(Ok(StateDigest {
+                    digest: replica.digest(),
+                    version: replica.version().clone(),
+                }));
             }
             Command::Round(request, reply) => {
                 let wall = (self.wall_clock)();

@@ -7,8 +7,8 @@ mod tls;
 mod transport;
 
 pub use handle::{
-    Handle, HandleError, NodeConfig, StartError, Status, WallClock, Watch, WatchError, start,
-    start_on, start_with,
+    Handle, HandleError, NodeConfig, StartError, StateDigest, Status, WallClock, Watch, WatchError,
+    start, start_on, start_with,
 };
 pub use scheduling::{Roles, RoundReport, Scheduler, SchedulerConfig, SchedulingView, SyncState};
 pub use storage::{StorageConfig, StorageError, StorageStats};

@@ -5,8 +5,10 @@
 //! Nothing else of the host's network is touched: the only host-side change is the interface
 //! `mfx<pid>r<run>` (and the /24 route the kernel adds for its address), which disappears with
 //! the hub namespace. Faults are nftables rules inside a node's namespace (table `inet mfx`) that
-//! drop UDP, which only gossip (QUIC) uses, so HTTP from the host keeps working and clients can
-//! observe both sides of a partition.
+//! drop UDP, which only gossip (QUIC) uses, or every protocol between the blocked nodes
+//! ([`Faults::all_traffic`], for etcd's TCP peer traffic in the benchmarks); packets to and from
+//! the host are never dropped, so clients observe both sides of a partition. A second table
+//! (`inet mfxbytes`) counts the bytes each node sends to the others.
 //!
 //! A [`Network`] removes its namespaces when dropped, panicking or not; [`Network::create`] first
 //! removes what crashed runs left behind (namespaces and links named `mfx<pid>…` whose process is
@@ -28,6 +30,8 @@ const PREFIX: [u8; 2] = [10, 77];
 const FIRST_NODE: u8 = 10;
 /// The nftables table the harness owns inside each node namespace.
 const TABLE: &str = "mfx";
+/// The nftables table that counts bytes sent, inside each node namespace.
+const BYTES_TABLE: &str = "mfxbytes";
 
 /// A hub namespace with a bridge, `n` node namespaces wired to it, and a link from the host.
 pub struct Network {
@@ -44,6 +48,9 @@ pub struct Faults {
     pub blocked: Vec<Ipv4Addr>,
     /// Percentage of incoming gossip packets dropped at random.
     pub loss_percent: u8,
+    /// Drop every protocol to and from `blocked` peers, not only UDP: TCP too (etcd's peer
+    /// traffic). The host's address is never blocked, so clients still reach both sides.
+    pub all_traffic: bool,
 }
 
 impl Network {
@@ -139,9 +146,13 @@ impl Network {
     pub fn set_faults(&self, node: usize, faults: &Faults) -> Result<(), String> {
         let mut input = String::new();
         let mut output = String::new();
+        let protocol = match faults.all_traffic {
+            true => "",
+            false => " meta l4proto udp",
+        };
         for peer in &faults.blocked {
-            let _ = writeln!(input, "    ip saddr {peer} meta l4proto udp drop");
-            let _ = writeln!(output, "    ip daddr {peer} meta l4proto udp drop");
+            let _ = writeln!(input, "    ip saddr {peer}{protocol} drop");
+            let _ = writeln!(output, "    ip daddr {peer}{protocol} drop");
         }
         if faults.loss_percent > 0 {
             let _ = writeln!(
@@ -157,6 +168,52 @@ impl Network {
              chain output {{\n    type filter hook output priority 0; policy accept;\n{output}  }}\n}}\n"
         );
         nft(&self.namespace(node), &script)
+    }
+
+    /// Starts counting the bytes node `node` sends to the other nodes (IP packets, headers
+    /// included; traffic to the host, i.e. to clients, is not counted), from zero. The counter
+    /// lives in its own table (`inet mfxbytes`), so faults come and go without resetting it.
+    pub fn count_sent(&self, node: usize) -> Result<(), String> {
+        let subnet = format!("{}.{}.{}.0/24", PREFIX[0], PREFIX[1], self.subnet);
+        let script = format!(
+            "table inet {BYTES_TABLE}\ndelete table inet {BYTES_TABLE}\ntable inet {BYTES_TABLE} {{\n  \
+             chain output {{\n    type filter hook output priority -10; policy accept;\n    \
+             ip daddr {subnet} ip daddr != {} counter\n  }}\n}}\n",
+            self.host_addr()
+        );
+        nft(&self.namespace(node), &script)
+    }
+
+    /// Bytes node `node` sent to the other nodes since [`Network::count_sent`].
+    pub fn sent_bytes(&self, node: usize) -> Result<u64, String> {
+        let namespace = self.namespace(node);
+        let listing = output(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &namespace,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                BYTES_TABLE,
+            ],
+        )?;
+        // "... counter packets 12 bytes 3456"
+        listing
+            .split_once("counter packets")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+            .and_then(|bytes| bytes.parse().ok())
+            .ok_or_else(|| format!("no byte counter in {namespace}'s table:\n{listing}"))
+    }
+
+    /// Every namespace this network made (the nodes' and the hub's): deleting them all removes
+    /// the network, the host link included.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = (0..self.nodes).map(|node| self.namespace(node)).collect();
+        names.push(self.hub());
+        names
     }
 
     /// Removes every fault from every node.

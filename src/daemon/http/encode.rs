@@ -10,9 +10,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value as Json, json};
 
-use crate::crdt::{Change, Event, Key, Token, Value};
+use crate::crdt::{Change, Event, Key, Token, Value, VersionVector};
 use crate::gossip::Member;
-use crate::runtime::{Status, StorageStats, TransportStats};
+use crate::runtime::{StateDigest, Status, StorageStats, TransportStats};
 
 /// A JSON response, newline-terminated so it reads well from curl.
 pub(super) fn json_response(status: StatusCode, body: &Json) -> Response {
@@ -158,13 +158,26 @@ pub(super) fn members(status: &Status) -> Json {
     json!({ "members": Json::Array(members) })
 }
 
+/// `GET /v1/digest`. The digest is hexadecimal text: JSON numbers lose bits above 2^53.
+pub(super) fn digest(digest: &StateDigest) -> Json {
+    json!({
+        "digest": format!("{:016x}", digest.digest),
+        "version": version(&digest.version),
+    })
+}
+
+/// A version vector as a JSON object: replica id → writes applied.
+fn version(version: &VersionVector) -> Json {
+    Json::Object(
+        version
+            .iter()
+            .map(|(node, seq)| (node.to_string(), Json::from(seq)))
+            .collect(),
+    )
+}
+
 /// `GET /v1/status`.
 pub(super) fn status(status: &Status) -> Json {
-    let version: Map<String, Json> = status
-        .version
-        .iter()
-        .map(|(node, seq)| (node.to_string(), Json::from(seq)))
-        .collect();
     let mut peers: Vec<(&Member, Option<u64>)> = status
         .peers
         .iter()
@@ -185,7 +198,7 @@ pub(super) fn status(status: &Status) -> Json {
         "replica": status.me.replica.to_string(),
         "addr": status.me.addr.to_string(),
         "generation": status.me.generation,
-        "version": version,
+        "version": version(&status.version),
         "cursor": status.cursor,
         "peers": peers,
         "held_back": status.held_back,

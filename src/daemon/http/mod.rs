@@ -165,6 +165,7 @@ fn app(shared: Arc<Shared>) -> Router {
         .route("/v1/watch", get(watch::watch))
         .route("/v1/members", get(members))
         .route("/v1/status", get(status))
+        .route("/v1/digest", get(digest))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics::metrics))
         .fallback(no_route)
@@ -182,6 +183,15 @@ async fn members(State(shared): State<AppState>, uri: Uri) -> Result<Response, A
 async fn status(State(shared): State<AppState>, uri: Uri) -> Result<Response, ApiError> {
     let status = session_status(&shared, &uri).await?;
     Ok(json_response(StatusCode::OK, &encode::status(&status)))
+}
+
+/// `GET /v1/digest`: a hash of the node's whole state and the version it covers; members with
+/// equal digests hold the same data.
+async fn digest(State(shared): State<AppState>, uri: Uri) -> Result<Response, ApiError> {
+    let params = Params::parse(&uri, &["after", "wait"])?;
+    await_session(&shared, params.session(shared.options.max_wait)?).await?;
+    let digest = shared.handle.digest().await?;
+    Ok(json_response(StatusCode::OK, &encode::digest(&digest)))
 }
 
 /// The node's status, once it covers the request's `after=` token, if any.

@@ -785,6 +785,34 @@ async fn the_public_serve_shuts_down_when_asked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digests_are_equal_once_two_nodes_hold_the_same_writes() {
+    let ca = ClusterCa::generate("test").expect("ca");
+    let first = node(&ca, "node-a", vec![]).await;
+    let second = node(&ca, "node-b", vec![first.addr()]).await;
+    let a = Server::start(first, HttpOptions::default(), HEARTBEAT).await;
+    let b = Server::start(second, HttpOptions::default(), HEARTBEAT).await;
+    let empty = a.get("/v1/digest").await.json();
+    assert_eq!(empty["digest"].as_str().unwrap().len(), 16);
+    assert_eq!(empty["version"], json!({}));
+
+    let token = a.write("config/mode", "blue").await;
+    let written = a.get("/v1/digest").await.json();
+    assert_ne!(written["digest"], empty["digest"]);
+    let replica = a.get("/v1/status").await.json()["replica"].clone();
+    assert_eq!(written["version"][replica.as_str().unwrap()], 1);
+    // The token makes node-b answer only once it holds the write: then both hold one write.
+    let other = b
+        .get(&format!("/v1/digest?after={token}&wait=20s"))
+        .await
+        .json();
+    assert_eq!(other["digest"], written["digest"]);
+    assert_eq!(other["version"], written["version"]);
+    a.get("/v1/digest?wait=oops")
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_duration");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_members_and_metrics_describe_the_node() {
     let server = Server::single("node-a").await;
     server.write("m/a", "1").await;
