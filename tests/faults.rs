@@ -6,7 +6,8 @@
 //! Replay a run with `MANTISSA_FAULT_SEED=<seed>` (printed at the start of each run); run more
 //! with `MANTISSA_FAULT_SEEDS=<n>`, longer with `MANTISSA_FAULT_SECS=<s>`, larger with
 //! `MANTISSA_FAULT_NODES=<n>`. The seed fixes the nemesis schedule and every client's choices;
-//! thread timing still varies from run to run. See docs/testing.md.
+//! thread timing still varies from run to run. The ignored `soak_…` test runs rounds of faults on
+//! one cluster for 10 minutes and tracks memory and tombstones. See docs/testing.md.
 
 #[path = "support/agent.rs"]
 mod agent;
@@ -59,8 +60,6 @@ const DIGEST_PATIENCE: Duration = Duration::from_secs(60);
 const CLIENT_WAIT: &str = "3s";
 /// Register keys of the workload (few, so writes contend).
 const REGISTER_KEYS: usize = 3;
-const COUNTER_KEY: &str = "f/counter";
-const SET_KEY: &str = "f/set";
 
 #[test]
 fn faults_keep_acknowledged_writes_sessions_and_convergence() {
@@ -88,6 +87,247 @@ fn faults_keep_acknowledged_writes_sessions_and_convergence() {
         settings.seeds.len(),
         failures.join("\n")
     );
+}
+
+/// The soak (on demand, not in CI; see docs/testing.md): `MANTISSA_FAULT_NODES` agents (5)
+/// under rounds of seeded faults for `MANTISSA_SOAK_SECS` (600). Each round is
+/// `MANTISSA_FAULT_SECS` (60) of faults with the clients on keys of its own, then heal and every
+/// check of the CI run; a churn client writes and deletes fresh keys throughout, so tombstones
+/// are made all the time. Every 5 s the agents' resident memory and tombstone counts are
+/// sampled. At the end: every round passed, the tombstones are all collected once the churn
+/// stops, and the memory of the last round is within [`SOAK_MEMORY_GROWTH`] of the second's.
+#[test]
+#[ignore = "a 10-minute soak, run on demand: see docs/testing.md"]
+fn soak_keeps_memory_bounded_and_every_round_correct() {
+    if !netns::is_root() {
+        println!("SKIPPED soak: network namespaces and nftables need root; run as root");
+        return;
+    }
+    if let Some(missing) = netns::missing_tools() {
+        panic!("the soak runs as root but {missing}");
+    }
+    let number = |name: &str, default: u64| {
+        std::env::var(name).ok().map_or(default, |text| {
+            parse_number(&text).unwrap_or_else(|| panic!("{name}={text} is not a number"))
+        })
+    };
+    let nodes = number("MANTISSA_FAULT_NODES", 5) as usize;
+    let round_time = Duration::from_secs(number("MANTISSA_FAULT_SECS", 60));
+    let total = Duration::from_secs(number("MANTISSA_SOAK_SECS", 600));
+    let seed = number("MANTISSA_FAULT_SEED", clock_seed());
+    println!(
+        "soak: seed {seed:#x}, {nodes} agents, {total:?} in rounds of {round_time:?} (replay: \
+         MANTISSA_FAULT_SEED={seed:#x} MANTISSA_FAULT_NODES={nodes} MANTISSA_FAULT_SECS={} \
+         MANTISSA_SOAK_SECS={})",
+        round_time.as_secs(),
+        total.as_secs()
+    );
+    let mut cluster = FaultCluster::start(nodes)
+        .unwrap_or_else(|err| panic!("running as root, but the network cannot be built: {err}"));
+    let namespaces: Vec<String> = (0..nodes).map(|n| cluster.net.namespace(n)).collect();
+    let addrs: Vec<SocketAddr> = (0..nodes).map(|n| cluster.http(n)).collect();
+    let began = Instant::now();
+    let sampling = AtomicBool::new(true);
+    let (outcome, samples) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut samples = Vec::new();
+            while sampling.load(Ordering::Relaxed) {
+                samples.extend(soak_sample(&namespaces, &addrs, began.elapsed()));
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            samples
+        });
+        let mut rounds = Vec::new();
+        let mut failure = None;
+        for round in 0.. {
+            if round > 0 && began.elapsed() + round_time > total {
+                break;
+            }
+            let round_seed = seed.wrapping_add(round as u64);
+            let schedule = schedule(round_seed, nodes, round_time);
+            let text = format!("soak round {round}, seed {round_seed:#x}: {schedule:?}");
+            let round_began = began.elapsed();
+            match run_round(&mut cluster, round_seed, round, &schedule, &text, true) {
+                Ok(churn) => {
+                    println!(
+                        "soak: round {round} passed ({:.0?}), churn {churn:?}",
+                        began.elapsed()
+                    );
+                    rounds.push((round_began, began.elapsed()));
+                }
+                Err(report) => {
+                    failure = Some(format!("round {round} failed:\n{report}"));
+                    break;
+                }
+            }
+        }
+        let collected = failure.is_none().then(|| tombstones_collected(&addrs));
+        sampling.store(false, Ordering::Relaxed);
+        let samples = sampler.join().expect("sampler thread");
+        ((rounds, failure, collected), samples)
+    });
+    let (rounds, failure, collected) = outcome;
+    print_soak(&rounds, &samples, nodes);
+    if let Some(failure) = failure {
+        panic!("{failure}");
+    }
+    if let Some(Err(err)) = collected {
+        panic!("{err}");
+    }
+    let in_round = |index: usize| {
+        let (from, to) = rounds[index];
+        samples
+            .iter()
+            .filter(|s| s.at >= from && s.at <= to)
+            .filter_map(|s| s.rss_kib)
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(rounds.len() >= 3, "the soak needs at least 3 rounds");
+    let (second, last) = (in_round(1), in_round(rounds.len() - 1));
+    let bound = second as f64 * SOAK_MEMORY_GROWTH + SOAK_MEMORY_SLACK_KIB as f64;
+    assert!(
+        last as f64 <= bound,
+        "resident memory grew: the largest agent held {} MiB in the last round, {} MiB in the \
+         second (bound {:.0} MiB)",
+        last / 1024,
+        second / 1024,
+        bound / 1024.0
+    );
+}
+
+/// The soak's memory bound: the largest agent's resident memory in the last round is at most
+/// this many times its size in the second round (after the first warmed up), plus
+/// [`SOAK_MEMORY_SLACK_KIB`]. The live data grows a little each round (a set of a few thousand
+/// short elements, a few keys), which the slack covers.
+const SOAK_MEMORY_GROWTH: f64 = 1.5;
+const SOAK_MEMORY_SLACK_KIB: u64 = 32 * 1024;
+
+/// One soak sample of one agent.
+struct SoakSample {
+    at: Duration,
+    node: usize,
+    /// `None` while the agent is down (killed, restarting).
+    rss_kib: Option<u64>,
+    tombstones: Option<u64>,
+}
+
+fn soak_sample(namespaces: &[String], addrs: &[SocketAddr], at: Duration) -> Vec<SoakSample> {
+    (0..namespaces.len())
+        .map(|node| {
+            let pid = Command::new("ip")
+                .args(["netns", "pids", &namespaces[node]])
+                .output()
+                .ok()
+                .and_then(|out| {
+                    String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .next()
+                        .map(str::to_owned)
+                });
+            let rss_kib = pid.and_then(|pid| {
+                let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse().ok()
+            });
+            let tombstones = request_once(addrs[node], "GET", "/v1/status", b"")
+                .ok()
+                .filter(|response| response.status == 200)
+                .and_then(|response| response.json()["tombstones"].as_u64());
+            SoakSample {
+                at,
+                node,
+                rss_kib,
+                tombstones,
+            }
+        })
+        .collect()
+}
+
+/// Waits until no agent holds an uncollected tombstone (the churn has stopped).
+fn tombstones_collected(addrs: &[SocketAddr]) -> Result<(), String> {
+    let patience = Duration::from_secs(90);
+    let deadline = Instant::now() + patience;
+    loop {
+        let counts: Vec<Option<u64>> = addrs
+            .iter()
+            .map(|&addr| {
+                request_once(addr, "GET", "/v1/status", b"")
+                    .ok()
+                    .filter(|response| response.status == 200)
+                    .and_then(|response| response.json()["tombstones"].as_u64())
+            })
+            .collect();
+        if counts.iter().all(|count| *count == Some(0)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "tombstones not collected {patience:?} after the churn stopped: {counts:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The soak's figures: per round, the largest resident memory and tombstone count per agent.
+fn print_soak(rounds: &[(Duration, Duration)], samples: &[SoakSample], nodes: usize) {
+    println!("soak: per round, each agent's largest resident memory (MiB) and tombstones");
+    for (index, &(from, to)) in rounds.iter().enumerate() {
+        let mut line = format!(
+            "  round {index:>2} [{:>4.0}s..{:>4.0}s]",
+            from.as_secs_f64(),
+            to.as_secs_f64()
+        );
+        for node in 0..nodes {
+            let of_node = || {
+                samples
+                    .iter()
+                    .filter(move |s| s.node == node && s.at >= from && s.at <= to)
+            };
+            let rss = of_node().filter_map(|s| s.rss_kib).max().unwrap_or(0);
+            let tombstones = of_node().filter_map(|s| s.tombstones).max().unwrap_or(0);
+            let _ = write!(
+                line,
+                " | node-{node} {:>4} MiB {tombstones:>5} t",
+                rss / 1024
+            );
+        }
+        println!("{line}");
+    }
+}
+
+/// The soak's churn client: writes fresh keys and deletes each one 50 writes later, on random
+/// nodes, until `stop`. Its answers are counted, not checked.
+fn churn_loop(addrs: &[SocketAddr], seed: u64, round: usize, stop: &AtomicBool) -> Churn {
+    const LAG: u64 = 50;
+    let mut rng = Rng(seed ^ 0xC4_0A2E);
+    let mut churn = Churn::default();
+    // Where each of the last LAG keys was written: its delete goes to the same node, which
+    // holds the key whatever the partitions.
+    let mut written_at = [0usize; LAG as usize];
+    for n in 0u64.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let slot = (n % LAG) as usize;
+        if let Some(old) = n.checked_sub(LAG) {
+            let path = format!("/v1/kv/churn/{round}/{old}");
+            match request_once(addrs[written_at[slot]], "DELETE", &path, b"") {
+                Ok(response) if response.status == 200 => churn.deletes += 1,
+                _ => churn.failed += 1,
+            }
+        }
+        let node = rng.below(addrs.len() as u64) as usize;
+        written_at[slot] = node;
+        let path = format!("/v1/kv/churn/{round}/{n}");
+        match request_once(addrs[node], "PUT", &path, b"churned") {
+            Ok(response) if response.status == 200 => churn.writes += 1,
+            _ => churn.failed += 1,
+        }
+        std::thread::sleep(Duration::from_millis(5 + rng.below(10)));
+    }
+    churn
 }
 
 /// The run's shape, from the environment.
@@ -202,18 +442,42 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
 
     let mut cluster = FaultCluster::start(settings.nodes)
         .unwrap_or_else(|err| panic!("running as root, but the network cannot be built: {err}"));
-    let addrs: Vec<SocketAddr> = (0..settings.nodes).map(|i| cluster.http(i)).collect();
+    run_round(&mut cluster, seed, 0, &schedule, &text, false).map(drop)
+}
+
+/// What the churn client of a soak round did.
+#[derive(Debug, Default)]
+struct Churn {
+    writes: u64,
+    deletes: u64,
+    failed: u64,
+}
+
+/// One round on a running cluster: clients (on the round's own keys) and the scheduling client
+/// under the nemesis `schedule`, heal, converge, check. With `churn`, one more client writes
+/// and deletes fresh keys (tombstones) without being checked. `Err` is the report.
+fn run_round(
+    cluster: &mut FaultCluster,
+    seed: u64,
+    round: usize,
+    schedule: &[Step],
+    text: &str,
+    churn: bool,
+) -> Result<Churn, String> {
+    let nodes = cluster.nodes.len();
+    let addrs: Vec<SocketAddr> = (0..nodes).map(|i| cluster.http(i)).collect();
     let start = Instant::now();
     let stop = AtomicBool::new(false);
-    let (nemesis, histories, scheduling) = std::thread::scope(|scope| {
-        let clients: Vec<_> = (0..settings.nodes)
+    let (nemesis, histories, scheduling, churned) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..nodes)
             .map(|client| {
                 let (addrs, stop) = (&addrs, &stop);
-                scope.spawn(move || client_loop(client, addrs, seed, start, stop))
+                scope.spawn(move || client_loop(client, addrs, seed, round, start, stop))
             })
             .collect();
         let scheduler = scope.spawn(|| sched::client(&addrs, seed, &stop));
-        let nemesis = run_schedule(&mut cluster, &schedule);
+        let churner = churn.then(|| scope.spawn(|| churn_loop(&addrs, seed, round, &stop)));
+        let nemesis = run_schedule(cluster, schedule);
         // Heal before stopping the clients, so their last operations see a whole cluster.
         let healed = cluster.heal();
         std::thread::sleep(Duration::from_secs(1));
@@ -223,7 +487,10 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
             .map(|client| client.join().expect("client thread"))
             .collect();
         let scheduling = scheduler.join().expect("scheduling client thread");
-        (nemesis.and(healed), histories, scheduling)
+        let churned = churner
+            .map(|churner| churner.join().expect("churn thread"))
+            .unwrap_or_default();
+        (nemesis.and(healed), histories, scheduling, churned)
     });
     let (histories, tokens): (Vec<Vec<Op>>, Vec<Option<String>>) = histories.into_iter().unzip();
     let history: Vec<Op> = histories.into_iter().flatten().collect();
@@ -235,6 +502,9 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
         scheduling.reads
     );
     println!("faults: seed {seed:#x} history: {summary}");
+    if let Ok(checked) = check::causal_across_keys(&history) {
+        println!("faults: causal order across keys held {checked} times (value read, then set)");
+    }
 
     let mut violations = Vec::new();
     if let Err(err) = nemesis {
@@ -244,7 +514,7 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
             ops: Vec::new(),
         });
     }
-    let finals = cluster.converge();
+    let finals = cluster.converge(round);
     violations.extend(check::check_all(&history, &finals));
     if let Some(violation) = cluster.tokens_satisfiable(&history, &tokens) {
         violations.push(violation);
@@ -256,7 +526,7 @@ fn run_seed(seed: u64, settings: &Settings) -> Result<(), String> {
     ));
     violations.extend(cluster.digests_agree());
     if violations.is_empty() {
-        return Ok(());
+        return Ok(churned);
     }
     let mut report = format!("===== seed {seed:#x} FAILED ({summary})\n{text}");
     for violation in &violations {
@@ -551,7 +821,7 @@ impl FaultCluster {
 
     /// Waits up to [`CONVERGENCE`] for every node to report the same version vector and hold
     /// the same state; returns the states last read (equal unless the deadline passed).
-    fn converge(&self) -> Vec<NodeState> {
+    fn converge(&self, round: usize) -> Vec<NodeState> {
         let deadline = Instant::now() + CONVERGENCE;
         let started = Instant::now();
         loop {
@@ -561,8 +831,9 @@ impl FaultCluster {
                         .map(|s| s["version"].clone())
                 })
                 .collect();
-            let finals: Vec<NodeState> =
-                (0..self.nodes.len()).map(|node| self.state(node)).collect();
+            let finals: Vec<NodeState> = (0..self.nodes.len())
+                .map(|node| self.state(node, round))
+                .collect();
             let same_versions = versions[0].is_some() && versions.iter().all(|v| *v == versions[0]);
             if same_versions && check::check_convergence(&finals).is_ok() {
                 println!("faults: converged {:.1?} after healing", started.elapsed());
@@ -610,16 +881,16 @@ impl FaultCluster {
     }
 
     /// What node `node` holds of the workload's keys.
-    fn state(&self, node: usize) -> NodeState {
+    fn state(&self, node: usize, round: usize) -> NodeState {
         let registers = (0..REGISTER_KEYS)
             .map(|k| {
-                let key = register_key(k);
+                let key = register_key(round, k);
                 let read = self.read_json(node, &format!("/v1/kv/{}", encode_path(&key)));
                 (key, read.map(|json| register_of(&json)))
             })
             .collect();
-        let counter = self.read_json(node, &format!("/v1/counter/{COUNTER_KEY}"));
-        let set = self.read_json(node, &format!("/v1/set/{SET_KEY}"));
+        let counter = self.read_json(node, &format!("/v1/counter/{}", counter_key(round)));
+        let set = self.read_json(node, &format!("/v1/set/{}", set_key(round)));
         NodeState {
             node,
             registers,
@@ -713,6 +984,7 @@ fn client_loop(
     client: usize,
     addrs: &[SocketAddr],
     seed: u64,
+    round: usize,
     start: Instant,
     stop: &AtomicBool,
 ) -> (Vec<Op>, Option<String>) {
@@ -727,7 +999,7 @@ fn client_loop(
             false => rng.below(addrs.len() as u64) as usize,
         };
         let unique = format!("c{client}-{sequence}");
-        let key = register_key(rng.below(REGISTER_KEYS as u64) as usize);
+        let key = register_key(round, rng.below(REGISTER_KEYS as u64) as usize);
         let (method, route, body, action) = match rng.below(6) {
             0 => {
                 let route = format!("/v1/kv/{}", encode_path(&key));
@@ -749,11 +1021,11 @@ fn client_loop(
                 )
             }
             2 => {
-                let route = format!("/v1/counter/{COUNTER_KEY}");
+                let route = format!("/v1/counter/{}", counter_key(round));
                 ("POST", route, br#"{"add": 1}"#.to_vec(), Action::CounterAdd)
             }
             3 => {
-                let route = format!("/v1/counter/{COUNTER_KEY}");
+                let route = format!("/v1/counter/{}", counter_key(round));
                 (
                     "GET",
                     route,
@@ -762,12 +1034,12 @@ fn client_loop(
                 )
             }
             4 => {
-                let route = format!("/v1/set/{SET_KEY}");
+                let route = format!("/v1/set/{}", set_key(round));
                 let body = format!(r#"{{"add": ["{unique}"]}}"#).into_bytes();
                 ("POST", route, body, Action::SetAdd { element: unique })
             }
             _ => {
-                let route = format!("/v1/set/{SET_KEY}");
+                let route = format!("/v1/set/{}", set_key(round));
                 ("GET", route, Vec::new(), Action::SetRead { elements: None })
             }
         };
@@ -843,8 +1115,17 @@ fn interpret(
     (outcome, action, token)
 }
 
-fn register_key(index: usize) -> String {
-    format!("f/register/{index}")
+/// The workload's keys are per round (a soak runs many rounds on one cluster).
+fn register_key(round: usize, index: usize) -> String {
+    format!("f/{round}/register/{index}")
+}
+
+fn counter_key(round: usize) -> String {
+    format!("f/{round}/counter")
+}
+
+fn set_key(round: usize) -> String {
+    format!("f/{round}/set")
 }
 
 fn register_of(json: &Json) -> Register {

@@ -98,6 +98,7 @@ pub fn check_all(history: &[Op], finals: &[NodeState]) -> Vec<Violation> {
         check_counter(history, finals),
         check_read_your_writes(history),
         check_monotonic_reads(history),
+        check_causal_across_keys(history),
     ]
     .into_iter()
     .filter_map(Result::err)
@@ -396,6 +397,114 @@ pub fn check_monotonic_reads(history: &[Op]) -> Result<(), Violation> {
     Ok(())
 }
 
+/// Causal order across keys (writes follow reads): a register value written with a token
+/// causally follows every set element its writer had seen by then (in its last acknowledged set
+/// read before the write) or added (acknowledged); so a client that reads that value and then
+/// reads the set with its token must see all of those elements. A violation is "B seen without
+/// A": the element's add or read at the writer, the write, the reader's register read and its
+/// set read.
+///
+/// A requirement is dropped once one of the reader's set reads satisfies it: later reads are
+/// supersets, which [`check_monotonic_reads`] checks.
+pub fn check_causal_across_keys(history: &[Op]) -> Result<(), Violation> {
+    causal_across_keys(history).map(drop)
+}
+
+/// Set elements a write causally follows, each with the operation that put it in the writer's
+/// past (a set read or an add).
+type CausalPast<'a> = Vec<(&'a str, &'a Op)>;
+
+/// How many times [`check_causal_across_keys`] found a value's causal past in a later set read
+/// (to show that a history exercised it), or its violation.
+pub fn causal_across_keys(history: &[Op]) -> Result<usize, Violation> {
+    let mut satisfied = 0;
+    let clients: BTreeSet<usize> = history.iter().map(|op| op.client).collect();
+    // Per register value written with a token: the write, and its causal past in the set (each
+    // element with the operation that put it there, at the writer).
+    let mut pasts: BTreeMap<&str, (&Op, CausalPast)> = BTreeMap::new();
+    for &client in &clients {
+        let mut last_read: Option<&Op> = None;
+        let mut added: Vec<&Op> = Vec::new();
+        let ops = history
+            .iter()
+            .filter(|op| op.client == client && op.outcome != Outcome::Fail);
+        for op in ops {
+            match &op.action {
+                Action::SetRead { .. } if op.outcome == Outcome::Ok => {
+                    last_read = Some(op);
+                    added.clear();
+                }
+                Action::SetAdd { .. } if op.outcome == Outcome::Ok => added.push(op),
+                Action::RegisterWrite { value, .. } if op.after => {
+                    let mut past = Vec::new();
+                    if let Some(read) = last_read
+                        && let Action::SetRead {
+                            elements: Some(elements),
+                        } = &read.action
+                    {
+                        past.extend(elements.iter().map(|e| (e.as_str(), read)));
+                    }
+                    for add in &added {
+                        if let Action::SetAdd { element } = &add.action {
+                            past.push((element.as_str(), add));
+                        }
+                    }
+                    pasts.insert(value.as_str(), (op, past));
+                }
+                _ => {}
+            }
+        }
+    }
+    for &client in &clients {
+        // Values this client has read whose causal past it has not yet seen in the set.
+        let mut pending: Vec<(&Op, &str)> = Vec::new();
+        let ops = history
+            .iter()
+            .filter(|op| op.client == client && op.outcome == Outcome::Ok);
+        for op in ops {
+            match &op.action {
+                Action::RegisterRead {
+                    read: Some(seen), ..
+                } => {
+                    for value in std::iter::once(&seen.value).chain(&seen.siblings) {
+                        if pasts.contains_key(value.as_str()) {
+                            pending.push((op, value.as_str()));
+                        }
+                    }
+                }
+                Action::SetRead { elements } if op.after => {
+                    let empty = BTreeSet::new();
+                    let elements = elements.as_ref().unwrap_or(&empty);
+                    for (register_read, value) in pending.drain(..) {
+                        satisfied += 1;
+                        let (write, past) = &pasts[value];
+                        if let Some((element, source)) =
+                            past.iter().find(|(e, _)| !elements.contains(*e))
+                        {
+                            return Err(Violation {
+                                check: "causal order across keys",
+                                detail: format!(
+                                    "register value {value:?} was written after its writer saw \
+                                     set element {element:?}; a client read the value, then \
+                                     read the set with its token without the element"
+                                ),
+                                ops: vec![
+                                    (*source).clone(),
+                                    (*write).clone(),
+                                    register_read.clone(),
+                                    op.clone(),
+                                ],
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(satisfied)
+}
+
 fn written_value(op: &Op) -> Option<&String> {
     match &op.action {
         Action::RegisterWrite { value, .. } => Some(value),
@@ -614,5 +723,61 @@ mod tests {
             op(0, 10, Outcome::Ok, Action::CounterRead { value: Some(2) }),
         ];
         assert!(check_monotonic_reads(&history).is_err());
+    }
+
+    #[test]
+    fn a_value_seen_without_what_its_writer_had_read_is_found() {
+        let history = vec![
+            set_read(0, 0, &["x"]),
+            write(0, 10, "after-x"),
+            register_read(1, 20, "after-x"),
+            set_read(1, 30, &[]),
+        ];
+        let violation = check_causal_across_keys(&history).unwrap_err();
+        assert_eq!(violation.check, "causal order across keys");
+        assert_eq!(violation.ops, history);
+    }
+
+    #[test]
+    fn a_value_seen_without_its_writers_own_add_is_found() {
+        let history = vec![
+            set_add(0, 0, Outcome::Ok, "mine"),
+            write(0, 10, "after-mine"),
+            register_read(1, 20, "after-mine"),
+            set_read(1, 30, &["other"]),
+        ];
+        let violation = check_causal_across_keys(&history).unwrap_err();
+        assert_eq!(violation.ops, history);
+    }
+
+    #[test]
+    fn causal_reads_across_keys_pass() {
+        let mut history = vec![
+            set_read(0, 0, &["x"]),
+            set_add(0, 5, Outcome::Ok, "y"),
+            // An add that may not have happened is not part of the write's past.
+            set_add(0, 7, Outcome::Indeterminate, "z"),
+            write(0, 10, "after-x-y"),
+            register_read(1, 20, "after-x-y"),
+            set_read(1, 30, &["x", "y"]),
+        ];
+        assert!(check_causal_across_keys(&history).is_ok());
+        // A set read without a token promises nothing.
+        history[5] = Op {
+            after: false,
+            ..set_read(1, 30, &[])
+        };
+        assert!(check_causal_across_keys(&history).is_ok());
+        // Nor does a write made without one.
+        let history = vec![
+            set_read(0, 0, &["x"]),
+            Op {
+                after: false,
+                ..write(0, 10, "untracked")
+            },
+            register_read(1, 20, "untracked"),
+            set_read(1, 30, &[]),
+        ];
+        assert!(check_causal_across_keys(&history).is_ok());
     }
 }
