@@ -54,7 +54,7 @@ use mantissa::crdt::{Delta, Key, NodeId, Replica, Value};
 use mantissa::gossip::MemberName;
 use mantissa::sched::{
     ALLOC, Admitted, Cluster, ClusterView, JobSpec, Ledger, Name, NodeRecord, Plan, Resources,
-    TaskGroup, TaskId, backoff_millis,
+    TaskGroup, TaskId, ViewCache, backoff_millis,
 };
 use process::{peak_rss_kib, reset_peak_rss, thread_cpu_time};
 
@@ -198,6 +198,10 @@ struct Machine {
 /// Every replica of the simulation: the schedulers' first, then the machine-side hosts.
 struct World {
     replicas: Vec<Replica>,
+    /// Each replica's parsed scheduling state, kept across rounds as a node keeps it
+    /// (`ViewCache`): a round re-parses what changed since the previous one, and that work is
+    /// timed with the round.
+    caches: Vec<ViewCache>,
     scheduler_names: Vec<MemberName>,
     machines: Vec<Machine>,
     /// Where each machine is in `machines`, by name.
@@ -218,9 +222,10 @@ impl World {
                 capacity: machine_size(i),
             })
             .collect();
-        let replicas = (0..schedulers + options.hosts)
+        let replicas: Vec<Replica> = (0..schedulers + options.hosts)
             .map(|i| Replica::new(NodeId(i as u64 + 1)))
             .collect();
+        let caches = replicas.iter().map(|_| ViewCache::default()).collect();
         let by_name = machines
             .iter()
             .enumerate()
@@ -233,6 +238,7 @@ impl World {
             .collect();
         World {
             replicas,
+            caches,
             scheduler_names,
             machines,
             by_name,
@@ -253,14 +259,16 @@ impl World {
     fn plan_all(&mut self, now: u64) -> Vec<(Duration, Plan)> {
         let live = &self.live;
         let (schedulers, _) = self.replicas.split_at_mut(self.scheduler_names.len());
+        let (caches, _) = self.caches.split_at_mut(self.scheduler_names.len());
         std::thread::scope(|scope| {
             let running: Vec<_> = schedulers
                 .iter_mut()
+                .zip(caches.iter_mut())
                 .zip(&self.scheduler_names)
-                .map(|(replica, scheduler)| {
+                .map(|((replica, cache), scheduler)| {
                     scope.spawn(move || {
                         let start = thread_cpu_time();
-                        let plan = Cluster::new(replica)
+                        let plan = Cluster::with_cache(replica, cache)
                             .plan(scheduler, live, now)
                             .expect("a planning round succeeds");
                         (thread_cpu_time() - start, plan)
@@ -281,11 +289,13 @@ impl World {
         let live = &self.live;
         let machines = &self.machines;
         let (_, hosts) = self.replicas.split_at_mut(self.scheduler_names.len());
+        let (_, caches) = self.caches.split_at_mut(self.scheduler_names.len());
         let mut results: Vec<(usize, Duration, Admitted)> = std::thread::scope(|scope| {
             let running: Vec<_> = hosts
                 .iter_mut()
+                .zip(caches.iter_mut())
                 .enumerate()
-                .map(|(host, replica)| {
+                .map(|(host, (replica, cache))| {
                     let mine: Vec<usize> = woken
                         .iter()
                         .copied()
@@ -295,7 +305,7 @@ impl World {
                         mine.into_iter()
                             .map(|m| {
                                 let start = thread_cpu_time();
-                                let admitted = Cluster::new(replica)
+                                let admitted = Cluster::with_cache(replica, cache)
                                     .admit(&machines[m].name, live, now)
                                     .expect("an admission round succeeds");
                                 (m, thread_cpu_time() - start, admitted)

@@ -94,7 +94,7 @@ impl Item {
     }
 
     /// The order that decides a register's winner and a key's kind: later timestamp first.
-    fn precedence(&self) -> (u64, Dot) {
+    pub(crate) fn precedence(&self) -> (u64, Dot) {
         (self.time, self.dot)
     }
 

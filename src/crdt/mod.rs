@@ -26,7 +26,7 @@ pub use feed::{Change, Event};
 pub use hlc::{Hlc, HlcClock, MAX_HLC_MILLIS};
 pub use id::{Dot, NodeId};
 pub use key::{Key, MAX_KEY_LEN};
-pub use replica::{Applied, Collected, Replica, ReplicaConfig, SNAPSHOT_FORMAT};
+pub use replica::{Applied, Collected, RegisterRef, Replica, ReplicaConfig, SNAPSHOT_FORMAT};
 pub use token::{MAX_TOKEN_LEN, Token};
 pub use value::{Register, Sibling, Value};
 pub use version::{CausalContext, VersionVector};

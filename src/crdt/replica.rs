@@ -103,6 +103,17 @@ pub struct Replica {
     config: ReplicaConfig,
 }
 
+/// A register's winning value, borrowed from the replica that holds it
+/// ([`Replica::registers`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegisterRef<'a> {
+    /// The write that made it: one write gives a key one value, so the same dot means the same
+    /// value.
+    pub dot: Dot,
+    /// The value.
+    pub value: &'a [u8],
+}
+
 /// The serialized form of a [`Replica`].
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
@@ -195,6 +206,41 @@ impl Replica {
             }
         }
         Ok(found)
+    }
+
+    /// The keys starting with `prefix` that hold a value, in key order, each with its register's
+    /// winning value borrowed in place: what [`Replica::get`] reads as `Register::value`, without
+    /// copying it. `None` for a key that holds another type.
+    ///
+    /// The winner's dot names the write that made it, and one write gives a key one value, so a
+    /// reader that remembers the dot can tell whether the value changed without reading it.
+    pub fn registers<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = (&'a Key, Option<RegisterRef<'a>>)> + 'a {
+        use std::ops::Bound;
+        self.entries
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(key, _)| key.as_bytes().starts_with(prefix))
+            .filter_map(|(key, entry)| {
+                let kind = entry.kind()?;
+                if kind != Kind::Register {
+                    return Some((key, None));
+                }
+                let winner = entry
+                    .of_kind(Kind::Register)
+                    .max_by_key(|item| item.precedence())?;
+                let Body::Register(value) = &winner.body else {
+                    return Some((key, None));
+                };
+                Some((
+                    key,
+                    Some(RegisterRef {
+                        dot: winner.dot,
+                        value,
+                    }),
+                ))
+            })
     }
 
     /// How many keys hold a value.

@@ -348,6 +348,7 @@ fn launch(
             .seeds
             .iter()
             .any(|seed| *seed != advertise && *seed != local),
+        scheduling: crate::sched::ViewCache::default(),
     };
     tokio::spawn(driver.run(receiver, inbox));
     Ok(Handle {
@@ -665,6 +666,9 @@ struct Driver {
     nudges: Vec<Arc<Notify>>,
     /// Started with seeds other than itself: a cluster exists to catch up from.
     seeded: bool,
+    /// The scheduling state as parsed at the last round, so the next one re-parses only what
+    /// changed.
+    scheduling: crate::sched::ViewCache,
 }
 
 struct Watcher {
@@ -787,11 +791,18 @@ impl Driver {
             }
             Command::Round(request, reply) => {
                 let wall = (self.wall_clock)();
-                let round = scheduling::round(&mut self.node, *request, self.seeded, wall, now);
+                let round = scheduling::round(
+                    &mut self.node,
+                    &mut self.scheduling,
+                    *request,
+                    self.seeded,
+                    wall,
+                    now,
+                );
                 let _ = reply.send(round);
             }
             Command::Scheduling(reply) => {
-                let _ = reply.send(scheduling::view(&self.node));
+                let _ = reply.send(scheduling::view(&self.node, &mut self.scheduling));
             }
             Command::Nudge(notify) => self.nudges.push(notify),
             Command::Shutdown(_) => {}

@@ -20,7 +20,7 @@ use crate::runtime::handle::Command;
 use crate::runtime::{Handle, HandleError};
 use crate::sched::{
     Allocation, Cluster, ClusterView, JobSpec, JobStatus, Name, NodeRecord, NodeStatus, QuotaSpec,
-    ReleaseCause, SchedError,
+    ReleaseCause, SchedError, ViewCache,
 };
 
 /// Which rounds a node takes part in.
@@ -385,6 +385,7 @@ pub(super) struct RoundRequest {
 /// `seeded`: the node was started with seeds other than itself.
 pub(super) fn round(
     node: &mut Node,
+    cache: &mut ViewCache,
     request: RoundRequest,
     seeded: bool,
     wall_millis: u64,
@@ -411,7 +412,7 @@ pub(super) fn round(
     let live = live(node);
     if roles.plan {
         let ((plan, writes), _) = node.write_many(now, |replica| {
-            let mut plan = Cluster::new(replica).plan(&me, &live, wall_millis)?;
+            let mut plan = Cluster::with_cache(replica, cache).plan(&me, &live, wall_millis)?;
             let deltas = std::mem::take(&mut plan.deltas);
             Ok::<_, SchedError>(((plan, deltas.len()), deltas))
         })?;
@@ -422,7 +423,8 @@ pub(super) fn round(
     if roles.admit {
         let (admitted, writes) = node
             .write_many(now, |replica| {
-                let mut admitted = Cluster::new(replica).admit(&me, &live, wall_millis)?;
+                let mut admitted =
+                    Cluster::with_cache(replica, cache).admit(&me, &live, wall_millis)?;
                 let deltas = std::mem::take(&mut admitted.deltas);
                 let writes = deltas.len();
                 Ok::<_, SchedError>(((admitted, writes), deltas))
@@ -441,9 +443,9 @@ pub(super) fn round(
 }
 
 /// The scheduling state of the node; the node's task calls this for [`Command::Scheduling`].
-pub(super) fn view(node: &Node) -> Result<SchedulingView, HandleError> {
+pub(super) fn view(node: &Node, cache: &mut ViewCache) -> Result<SchedulingView, HandleError> {
     Ok(SchedulingView {
-        view: ClusterView::read(node.replica())?,
+        view: cache.view(node.replica())?.clone(),
         live: live(node),
         me: node.me().name.clone(),
         token: Token::from_version(node.replica().version().clone()),

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::crdt::{Delta, Hlc, Replica};
 use crate::gossip::MemberName;
 use crate::sched::admission::refit;
+use crate::sched::cache::{Holdings, ViewCache};
 use crate::sched::{
     AdmissionContext, Allocation, AllocationId, Claim, ClusterView, Decision, Escrow, Ledger, Name,
     NodeRecord, Put, RejectReason, Rejection, SchedError, TaskId, keys, resolve,
@@ -50,7 +51,8 @@ pub enum ReleaseCause {
 const DUPLICATE_REJECTION_KEPT_MILLIS: u64 = 6 * crate::sched::BACKOFF_MAX_MILLIS;
 
 /// The inputs of one admission round on a machine, derived from a view.
-struct Round {
+struct Round<'v> {
+    view: &'v ClusterView,
     record: Option<NodeRecord>,
     previous: Ledger,
     kept: Vec<Allocation>,
@@ -59,33 +61,49 @@ struct Round {
     claims: Vec<Claim>,
     /// Claims to delete without a decision: already decided, or for tasks nobody asks for.
     obsolete: Vec<Claim>,
-    /// Tasks some live machine holds (this one included).
-    held: BTreeSet<TaskId>,
-    wanted: BTreeSet<TaskId>,
+    /// The winning allocation of each task this round looks at (held here, claimed here or
+    /// rejected here before), among the live machines, this one included.
+    winners: BTreeMap<TaskId, AllocationId>,
     context: AdmissionContext,
 }
 
-impl Round {
-    fn new(view: &ClusterView, node: &MemberName, live: &BTreeSet<MemberName>) -> Round {
-        let mut live = live.clone();
-        live.insert(node.clone());
-        let winners = view.allocations(&view.live_nodes(&live));
-        let wanted: BTreeSet<TaskId> = view.wanted().into_keys().collect();
+impl<'v> Round<'v> {
+    fn new(
+        view: &'v ClusterView,
+        holdings: &Holdings,
+        node: &MemberName,
+        live: &BTreeSet<MemberName>,
+    ) -> Round<'v> {
+        let is_live = |member: &MemberName| {
+            view.nodes.contains_key(member) && (member == node || live.contains(member))
+        };
         let record = view.nodes.get(node).cloned();
         let previous = view
             .ledgers
             .get(node)
             .cloned()
             .unwrap_or_else(|| Ledger::empty(node.clone()));
+        let mine = view.claims.get(node).map_or(&[][..], Vec::as_slice);
+        let mut winners = BTreeMap::new();
+        let looked_at = (previous.admitted.iter().map(|a| &a.task))
+            .chain(previous.rejected.iter().map(|r| &r.task))
+            .chain(mine.iter().map(|c| &c.task));
+        for task in looked_at {
+            if !winners.contains_key(task)
+                && let Some(winner) = holdings.winner(task, is_live)
+            {
+                winners.insert(task.clone(), winner.clone());
+            }
+        }
 
         let mut kept = Vec::new();
         let mut released = Vec::new();
         for allocation in &previous.admitted {
             let cause = match winners.get(&allocation.task) {
                 _ if record.is_none() => Some(ReleaseCause::NodeGone),
-                _ if !wanted.contains(&allocation.task) => Some(ReleaseCause::JobGone),
+                _ if !view.wants(&allocation.task) => Some(ReleaseCause::JobGone),
                 Some(winner) if winner.node != *node => {
-                    Some(ReleaseCause::LostTieBreak(winner.id()))
+                    Some(ReleaseCause::LostTieBreak(winner.clone()))
                 }
                 _ => None,
             };
@@ -106,18 +124,19 @@ impl Round {
             }));
         }
 
-        let (claims, obsolete) = view
-            .claims
-            .get(node)
-            .into_iter()
-            .flatten()
+        let (claims, obsolete): (Vec<Claim>, Vec<Claim>) = mine
+            .iter()
             .cloned()
-            .partition(|claim| !previous.decided(claim) && wanted.contains(&claim.task));
+            .partition(|claim| !previous.decided(claim) && view.wants(&claim.task));
         let context = AdmissionContext {
-            held_elsewhere: winners
-                .values()
-                .filter(|winner| winner.node != *node)
-                .map(|winner| winner.task.clone())
+            held_elsewhere: claims
+                .iter()
+                .filter(|claim| {
+                    winners
+                        .get(&claim.task)
+                        .is_some_and(|winner| winner.node != *node)
+                })
+                .map(|claim| claim.task.clone())
                 .collect(),
             quota_rights: view
                 .quotas
@@ -129,14 +148,14 @@ impl Round {
                 .collect(),
         };
         Round {
+            view,
             record,
             previous,
             kept,
             released,
             claims,
             obsolete,
-            held: winners.into_keys().collect(),
-            wanted,
+            winners,
             context,
         }
     }
@@ -179,7 +198,9 @@ impl Round {
         // A rejection is remembered while its task still waits for a machine: it steers the
         // next claim elsewhere and sets the backoff.
         let still_waiting = |task: &TaskId| {
-            self.wanted.contains(task) && !self.held.contains(task) && !admitted_now.contains(task)
+            self.view.wants(task)
+                && !self.winners.contains_key(task)
+                && !admitted_now.contains(task)
         };
         let mut rejected: Vec<Rejection> = self
             .previous
@@ -195,7 +216,7 @@ impl Round {
         // round after round, instead of backing off.
         let recent_duplicate = |rejection: &Rejection| {
             rejection.reason == RejectReason::DuplicateTask
-                && self.wanted.contains(&rejection.task)
+                && self.view.wants(&rejection.task)
                 && !admitted_now.contains(&rejection.task)
                 && at.millis.saturating_sub(rejection.at.millis) <= DUPLICATE_REJECTION_KEPT_MILLIS
         };
@@ -272,10 +293,9 @@ pub(crate) fn predict(
     node: &MemberName,
     live: &BTreeSet<MemberName>,
 ) -> Decision {
-    Round::new(view, node, live).decide()
+    Round::new(view, &Holdings::of(view.ledgers.values()), node, live).decide()
 }
 
-/// Runs one admission round of `node` on its own replica.
 /// Whether the register at `key` holds concurrent versions.
 ///
 /// A machine's ledger only does after the machine lost its data and wrote a new ledger before it
@@ -288,14 +308,17 @@ fn has_siblings(replica: &Replica, key: &crate::crdt::Key) -> Result<bool, Sched
     ))
 }
 
+/// Runs one admission round of `node` on its own replica, reading it through `cache`.
 pub(crate) fn admit(
     replica: &mut Replica,
+    cache: &mut ViewCache,
     node: &MemberName,
     live: &BTreeSet<MemberName>,
     now_millis: u64,
 ) -> Result<Admitted, SchedError> {
-    let view = ClusterView::read(replica)?;
-    let round = Round::new(&view, node, live);
+    cache.refresh_for(replica, node)?;
+    let view = cache.current();
+    let round = Round::new(view, cache.holdings(), node, live);
     let decision = round.decide();
     let mut deltas = Vec::new();
 

@@ -7,7 +7,7 @@ use crate::crdt::{Delta, Replica};
 use crate::gossip::MemberName;
 use crate::sched::{
     Admitted, Allocation, ClusterView, Decision, JobSpec, Name, NodeRecord, Plan, QuotaSpec,
-    SchedError, Task, TaskId, admit, keys, plan,
+    SchedError, Task, TaskId, ViewCache, admit, keys, plan,
 };
 
 /// Scheduling over one replica's keyspace.
@@ -52,12 +52,33 @@ use crate::sched::{
 /// ```
 pub struct Cluster<'r> {
     replica: &'r mut Replica,
+    /// What the rounds read the replica through: the caller's, kept across rounds, or one for
+    /// this value only.
+    cache: Cache<'r>,
+}
+
+enum Cache<'r> {
+    Own(Box<ViewCache>),
+    Borrowed(&'r mut ViewCache),
 }
 
 impl<'r> Cluster<'r> {
-    /// Scheduling over `replica`.
+    /// Scheduling over `replica`. Each round reads the scheduling state afresh; see
+    /// [`Cluster::with_cache`] for a node that runs round after round.
     pub fn new(replica: &'r mut Replica) -> Self {
-        Cluster { replica }
+        Cluster {
+            replica,
+            cache: Cache::Own(Box::default()),
+        }
+    }
+
+    /// Scheduling over `replica`, with rounds that read it through `cache`: they re-parse only
+    /// what changed since the cache last looked. Keep one cache per node across its rounds.
+    pub fn with_cache(replica: &'r mut Replica, cache: &'r mut ViewCache) -> Self {
+        Cluster {
+            replica,
+            cache: Cache::Borrowed(cache),
+        }
     }
 
     /// Everything the replica holds about scheduling, parsed.
@@ -169,7 +190,11 @@ impl<'r> Cluster<'r> {
         live: &BTreeSet<MemberName>,
         now_millis: u64,
     ) -> Result<Plan, SchedError> {
-        plan::plan(self.replica, scheduler, live, now_millis)
+        let cache = match &mut self.cache {
+            Cache::Own(cache) => &mut **cache,
+            Cache::Borrowed(cache) => &mut **cache,
+        };
+        plan::plan(self.replica, cache, scheduler, live, now_millis)
     }
 
     /// One admission round of `node`, run by that machine's agent only: releases what it must,
@@ -180,7 +205,11 @@ impl<'r> Cluster<'r> {
         live: &BTreeSet<MemberName>,
         now_millis: u64,
     ) -> Result<Admitted, SchedError> {
-        admit::admit(self.replica, node, live, now_millis)
+        let cache = match &mut self.cache {
+            Cache::Own(cache) => &mut **cache,
+            Cache::Borrowed(cache) => &mut **cache,
+        };
+        admit::admit(self.replica, cache, node, live, now_millis)
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod admission;
 mod admit;
+mod cache;
 mod cluster;
 mod keys;
 mod ledger;
@@ -27,6 +28,7 @@ mod view;
 
 pub use admission::{AdmissionContext, Decision, Rejected, resolve};
 pub use admit::{Admitted, Release, ReleaseCause};
+pub use cache::ViewCache;
 pub use cluster::Cluster;
 pub use keys::{
     ALLOC, CLAIMS, JOBS, NODES, QUOTA_SHARES, QUOTAS, RESERVED, SCHEDULERS, is_reserved,

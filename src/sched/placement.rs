@@ -5,10 +5,10 @@
 //! optimistic commits), so schedulers do not pile claims onto a machine that looks free only
 //! because it has not answered yet.
 
-use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
-use crate::sched::{NodeRecord, Resources, Strategy, Task, rendezvous};
+use crate::sched::rendezvous::Weigher;
+use crate::sched::{NodeRecord, Resources, Strategy, Task};
 
 /// A machine as placement sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,12 +56,35 @@ pub fn choose(
     candidates: &[Candidate<'_>],
     spread: &BTreeMap<String, u32>,
 ) -> Option<usize> {
-    candidates
-        .iter()
-        .enumerate()
-        .filter(|(_, candidate)| fits(task, candidate))
-        .min_by_key(|(_, candidate)| rank(task, candidate, spread))
-        .map(|(index, _)| index)
+    // One pass; the rendezvous weight, the last part of the rank, is only hashed between
+    // candidates that tie on everything else.
+    let weigher = Weigher::new(&task.id);
+    let mut best: Option<(usize, Rank, Option<u64>)> = None;
+    for (index, candidate) in candidates.iter().enumerate() {
+        if !fits(task, candidate) {
+            continue;
+        }
+        let rank = rank(task, candidate, spread);
+        let better = match &mut best {
+            None => true,
+            Some((_, best_rank, _)) if rank != *best_rank => rank < *best_rank,
+            Some((best_index, _, best_weight)) => {
+                let best_weight = *best_weight.get_or_insert_with(|| {
+                    weigher.weight(candidates[*best_index].record.name.as_str())
+                });
+                let weight = weigher.weight(candidate.record.name.as_str());
+                // The higher weight ranks first; a full tie keeps the earlier candidate.
+                if weight > best_weight {
+                    best = Some((index, rank, Some(weight)));
+                }
+                false
+            }
+        };
+        if better {
+            best = Some((index, rank, None));
+        }
+    }
+    best.map(|(index, _, _)| index)
 }
 
 /// Whether `task` may run on `candidate` and fits what is left there.
@@ -74,12 +97,11 @@ pub fn fits(task: &Task, candidate: &Candidate<'_>) -> bool {
             .is_none()
 }
 
-/// The sort key of a feasible candidate: smaller is better.
-fn rank(
-    task: &Task,
-    candidate: &Candidate<'_>,
-    spread: &BTreeMap<String, u32>,
-) -> (bool, bool, u32, (u64, u64), Reverse<u64>) {
+/// The sort key of a feasible candidate, smaller is better, before the rendezvous weight that
+/// breaks its ties.
+type Rank = (bool, bool, u32, (u64, u64));
+
+fn rank(task: &Task, candidate: &Candidate<'_>, spread: &BTreeMap<String, u32>) -> Rank {
     let spread_count = task.constraints.spread_by.as_ref().map_or(0, |label| {
         let value = candidate
             .record
@@ -88,20 +110,19 @@ fn rank(
             .map_or("", String::as_str);
         spread.get(value).copied().unwrap_or(0)
     });
-    let mut after = candidate.used.clone();
-    after.add(&task.resources);
-    let utilization = candidate.record.capacity.utilization_ppm(&after);
+    let utilization = candidate
+        .record
+        .capacity
+        .utilization_after_ppm(&candidate.used, &task.resources);
     let by_strategy = match task.strategy {
         Strategy::BinPack => (0, u64::MAX - utilization),
         Strategy::Spread => (u64::from(candidate.group_tasks), utilization),
     };
-    let weight = rendezvous::weight(&task.id, candidate.record.name.as_str());
     (
         candidate.rejected_before,
         !candidate.has_rights,
         spread_count,
         by_strategy,
-        Reverse(weight),
     )
 }
 

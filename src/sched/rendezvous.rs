@@ -12,16 +12,40 @@ pub const BACKOFF_MAX_MILLIS: u64 = 10_000;
 
 /// The weight of `member` for `task` in rendezvous hashing: stable across builds and platforms.
 pub fn weight(task: &TaskId, member: &str) -> u64 {
-    // FNV-1a over "task\0member", then a splitmix64 finaliser so that similar names (node-1,
-    // node-2) do not get correlated weights.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let task = task.to_string();
-    for &byte in task.as_bytes().iter().chain(b"\0").chain(member.as_bytes()) {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    Weigher::new(task).weight(member)
+}
+
+/// The [`weight`]s of one task, for many members: hashes the task once.
+pub(crate) struct Weigher {
+    /// FNV-1a state after "task\0".
+    prefix: u64,
+}
+
+impl Weigher {
+    pub(crate) fn new(task: &TaskId) -> Self {
+        // FNV-1a over "task\0member", then a splitmix64 finaliser so that similar names
+        // (node-1, node-2) do not get correlated weights.
+        let mut prefix: u64 = 0xcbf2_9ce4_8422_2325;
+        let task = task.to_string();
+        for &byte in task.as_bytes().iter().chain(b"\0") {
+            prefix = fnv(prefix, byte);
+        }
+        Weigher { prefix }
     }
-    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    hash ^ (hash >> 31)
+
+    pub(crate) fn weight(&self, member: &str) -> u64 {
+        let mut hash = member
+            .as_bytes()
+            .iter()
+            .fold(self.prefix, |h, &b| fnv(h, b));
+        hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        hash ^ (hash >> 31)
+    }
+}
+
+fn fnv(hash: u64, byte: u8) -> u64 {
+    (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
 }
 
 /// The scheduler responsible for placing `task`: the one with the highest [`weight`] (ties: the
@@ -45,11 +69,12 @@ pub fn responsible<'a>(
     task: &TaskId,
     schedulers: impl IntoIterator<Item = &'a MemberName>,
 ) -> Option<&'a MemberName> {
-    schedulers.into_iter().max_by(|a, b| {
-        weight(task, a.as_str())
-            .cmp(&weight(task, b.as_str()))
-            .then_with(|| b.cmp(a))
-    })
+    let weigher = Weigher::new(task);
+    schedulers
+        .into_iter()
+        .map(|member| (weigher.weight(member.as_str()), member))
+        .max_by(|(a_weight, a), (b_weight, b)| a_weight.cmp(b_weight).then_with(|| b.cmp(a)))
+        .map(|(_, member)| member)
 }
 
 /// How long to wait, after the rejection that ended attempt `attempt - 1`, before making claim

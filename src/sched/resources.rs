@@ -110,15 +110,28 @@ impl Resources {
 
     /// How full `used` makes this capacity, in millionths per resource, summed over CPU and
     /// memory: a deterministic integer score for the placement strategies.
+    #[cfg(test)]
     pub(crate) fn utilization_ppm(&self, used: &Resources) -> u64 {
-        let part = |used: u64, capacity: u64| -> u64 {
+        self.utilization_after_ppm(used, &Resources::default())
+    }
+
+    /// [`Resources::utilization_ppm`] of `used` plus `demand` (added as [`Resources::add`] does),
+    /// without building the sum.
+    pub(crate) fn utilization_after_ppm(&self, used: &Resources, demand: &Resources) -> u64 {
+        let part = |used: u64, demand: u64, capacity: u64| -> u64 {
             if capacity == 0 {
                 return 0;
             }
-            let ppm = u128::from(used) * 1_000_000 / u128::from(capacity);
-            ppm.min(u128::from(u64::MAX / 2)) as u64
+            let used = used.saturating_add(demand);
+            let ppm = match used.checked_mul(1_000_000) {
+                Some(scaled) => scaled / capacity,
+                None => (u128::from(used) * 1_000_000 / u128::from(capacity))
+                    .min(u128::from(u64::MAX)) as u64,
+            };
+            ppm.min(u64::MAX / 2)
         };
-        part(used.cpu_millis, self.cpu_millis) + part(used.memory_bytes, self.memory_bytes)
+        part(used.cpu_millis, demand.cpu_millis, self.cpu_millis)
+            + part(used.memory_bytes, demand.memory_bytes, self.memory_bytes)
     }
 }
 

@@ -141,6 +141,20 @@ pub struct Task {
     pub constraints: Constraints,
 }
 
+impl Task {
+    /// The `index`-th instance of `group` in `job`.
+    pub(crate) fn of(job: &JobSpec, group: &TaskGroup, index: u32) -> Task {
+        Task {
+            id: TaskId::new(job.name.clone(), group.name.clone(), index),
+            namespace: job.namespace.clone(),
+            priority: job.priority,
+            strategy: job.strategy,
+            resources: group.resources.clone(),
+            constraints: group.constraints.clone(),
+        }
+    }
+}
+
 fn default_namespace() -> Name {
     Name::new("default").expect("\"default\" is a valid name")
 }
@@ -199,14 +213,7 @@ impl JobSpec {
     /// Every task instance the job asks for, group by group.
     pub fn tasks(&self) -> impl Iterator<Item = Task> + '_ {
         self.groups.iter().flat_map(move |group| {
-            (0..group.count.min(MAX_GROUP_COUNT)).map(move |index| Task {
-                id: TaskId::new(self.name.clone(), group.name.clone(), index),
-                namespace: self.namespace.clone(),
-                priority: self.priority,
-                strategy: self.strategy,
-                resources: group.resources.clone(),
-                constraints: group.constraints.clone(),
-            })
+            (0..group.count.min(MAX_GROUP_COUNT)).map(move |index| Task::of(self, group, index))
         })
     }
 }

@@ -5,11 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::crdt::{Key, Replica, Value};
+use crate::crdt::{Key, Replica};
 use crate::gossip::MemberName;
+use crate::sched::cache::ViewCache;
 use crate::sched::{
-    Allocation, Claim, Decision, Escrow, JobSpec, Ledger, Name, NodeRecord, QuotaSpec, SchedError,
-    Share, Task, TaskId, admit, keys,
+    Allocation, Claim, Decision, Escrow, JobSpec, Ledger, MAX_GROUP_COUNT, Name, NodeRecord,
+    SchedError, Task, TaskGroup, TaskId, admit,
 };
 
 /// What a scheduler writes under `schedulers/<member>` to take part in placement.
@@ -45,88 +46,9 @@ impl ClusterView {
     /// Reads the scheduling state of `replica`. Register siblings (concurrent writes) read as
     /// the register's winner.
     pub fn read(replica: &Replica) -> Result<Self, SchedError> {
-        let mut view = ClusterView::default();
-        for (key, bytes) in registers(replica, keys::NODES, &mut view.ignored)? {
-            let name = keys::suffix(&key, keys::NODES).and_then(|s| MemberName::new(s).ok());
-            match (name, keys::decode::<NodeRecord>(&bytes)) {
-                (Some(name), Some(record)) if record.name == name => {
-                    view.nodes.insert(name, record);
-                }
-                _ => view.ignored.push(key),
-            }
-        }
-        for (key, bytes) in registers(replica, keys::SCHEDULERS, &mut view.ignored)? {
-            let name = keys::suffix(&key, keys::SCHEDULERS).and_then(|s| MemberName::new(s).ok());
-            match (name, keys::decode::<SchedulerRecord>(&bytes)) {
-                (Some(name), Some(record)) if record.name == name => {
-                    view.schedulers.insert(name);
-                }
-                _ => view.ignored.push(key),
-            }
-        }
-        for (key, bytes) in registers(replica, keys::JOBS, &mut view.ignored)? {
-            let name = keys::suffix(&key, keys::JOBS).and_then(|s| Name::new(s).ok());
-            match (name, keys::decode::<JobSpec>(&bytes)) {
-                (Some(name), Some(job)) if job.name == name && job.validate().is_ok() => {
-                    view.jobs.insert(name, job);
-                }
-                _ => view.ignored.push(key),
-            }
-        }
-        for (key, bytes) in registers(replica, keys::ALLOC, &mut view.ignored)? {
-            let name = keys::suffix(&key, keys::ALLOC).and_then(|s| MemberName::new(s).ok());
-            match (name, keys::decode::<Ledger>(&bytes)) {
-                (Some(name), Some(ledger)) if ledger.is_well_formed(&name) => {
-                    view.ledgers.insert(name, ledger);
-                }
-                _ => view.ignored.push(key),
-            }
-        }
-        for (key, bytes) in registers(replica, keys::CLAIMS, &mut view.ignored)? {
-            let place = keys::suffix(&key, keys::CLAIMS).and_then(|s| s.split_once('/'));
-            let node = place.and_then(|(node, _)| MemberName::new(node).ok());
-            let task = place.and_then(|(_, task)| TaskId::parse(task).ok());
-            match (node, task, keys::decode::<Claim>(&bytes)) {
-                (Some(node), Some(task), Some(claim))
-                    if claim.node == node && claim.task == task =>
-                {
-                    view.claims.entry(node).or_default().push(claim);
-                }
-                _ => view.ignored.push(key),
-            }
-        }
-        view.read_quotas(replica)?;
-        Ok(view)
-    }
-
-    fn read_quotas(&mut self, replica: &Replica) -> Result<(), SchedError> {
-        let mut specs = BTreeMap::new();
-        for (key, bytes) in registers(replica, keys::QUOTAS, &mut self.ignored)? {
-            let name = keys::suffix(&key, keys::QUOTAS).and_then(|s| Name::new(s).ok());
-            match (name, keys::decode::<QuotaSpec>(&bytes)) {
-                (Some(name), Some(spec)) if spec.namespace == name => {
-                    specs.insert(name, spec);
-                }
-                _ => self.ignored.push(key),
-            }
-        }
-        let mut shares: BTreeMap<Name, BTreeMap<MemberName, Share>> = BTreeMap::new();
-        for (key, bytes) in registers(replica, keys::QUOTA_SHARES, &mut self.ignored)? {
-            let place = keys::suffix(&key, keys::QUOTA_SHARES).and_then(|s| s.split_once('/'));
-            let namespace = place.and_then(|(namespace, _)| Name::new(namespace).ok());
-            let member = place.and_then(|(_, member)| MemberName::new(member).ok());
-            match (namespace, member, keys::decode::<Share>(&bytes)) {
-                (Some(namespace), Some(member), Some(share)) => {
-                    shares.entry(namespace).or_default().insert(member, share);
-                }
-                _ => self.ignored.push(key),
-            }
-        }
-        for (namespace, spec) in specs {
-            let shares = shares.remove(&namespace).unwrap_or_default();
-            self.quotas.insert(namespace, Escrow::new(spec, shares));
-        }
-        Ok(())
+        let mut cache = ViewCache::default();
+        cache.refresh(replica)?;
+        Ok(cache.into_view())
     }
 
     /// Every task instance the jobs ask for.
@@ -198,38 +120,51 @@ impl ClusterView {
             .filter(move |claim| ledger.is_none_or(|ledger| !ledger.decided(claim)))
     }
 
+    /// Whether the jobs ask for `task`: its job exists and its group asks for at least
+    /// `index + 1` instances. A lookup, where [`ClusterView::wanted`] lists every task.
+    pub fn wants(&self, task: &TaskId) -> bool {
+        self.group_of(task)
+            .is_some_and(|(_, group)| task.index < group.count.min(MAX_GROUP_COUNT))
+    }
+
+    /// The job and group `task` belongs to, when the job exists and has that group.
+    fn group_of(&self, task: &TaskId) -> Option<(&JobSpec, &TaskGroup)> {
+        let job = self.jobs.get(&task.job)?;
+        let group = job.groups.iter().find(|group| group.name == task.group)?;
+        Some((job, group))
+    }
+
     /// The tasks the jobs ask for that no live node holds and no live node has an undecided
     /// claim for, in placement order (priority, highest first, then task).
     pub fn pending_tasks(&self, live: &BTreeSet<MemberName>) -> Vec<Task> {
         let live_nodes = self.live_nodes(live);
-        let held = self.allocations(&live_nodes);
-        let claimed: BTreeSet<&TaskId> = live_nodes
-            .iter()
-            .flat_map(|node| self.undecided_claims(node))
-            .map(|claim| &claim.task)
-            .collect();
-        let mut pending: Vec<Task> = self
-            .wanted()
-            .into_values()
-            .filter(|task| !held.contains_key(&task.id) && !claimed.contains(&task.id))
-            .collect();
+        // Tasks are compared as borrowed (job, group, index) so that only pending ones are built.
+        let mut taken: BTreeSet<(&Name, &Name, u32)> = BTreeSet::new();
+        for node in &live_nodes {
+            if let Some(ledger) = self.ledgers.get(node) {
+                taken.extend(ledger.admitted.iter().map(|a| borrowed(&a.task)));
+            }
+            taken.extend(
+                self.undecided_claims(node)
+                    .map(|claim| borrowed(&claim.task)),
+            );
+        }
+        let mut pending: Vec<Task> = Vec::new();
+        for job in self.jobs.values() {
+            for group in &job.groups {
+                for index in 0..group.count.min(MAX_GROUP_COUNT) {
+                    if !taken.contains(&(&job.name, &group.name, index)) {
+                        pending.push(Task::of(job, group, index));
+                    }
+                }
+            }
+        }
         pending.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
         pending
     }
 }
 
-/// The register values under `prefix`; keys holding another type are added to `ignored`.
-fn registers(
-    replica: &Replica,
-    prefix: &str,
-    ignored: &mut Vec<Key>,
-) -> Result<Vec<(Key, Vec<u8>)>, SchedError> {
-    let mut found = Vec::new();
-    for (key, value) in replica.range(prefix.as_bytes(), usize::MAX)? {
-        match value {
-            Value::Register(register) => found.push((key, register.value)),
-            _ => ignored.push(key),
-        }
-    }
-    Ok(found)
+/// A task id as a tuple of borrowed parts, ordered as [`TaskId`] is.
+fn borrowed(task: &TaskId) -> (&Name, &Name, u32) {
+    (&task.job, &task.group, task.index)
 }
