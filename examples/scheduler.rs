@@ -1,7 +1,8 @@
 //! An orchestrator embedding mantissa's leaderless scheduler: three machines in one process,
 //! each running the reference scheduler and offering its capacity. A job submitted on one
 //! machine is placed across all three with no leader; each machine's agent learns what to run
-//! by watching its own allocation ledger, and starts (here: prints) its tasks.
+//! by following its allocations (`Handle::watch_my_allocations`), and starts (here: prints) its
+//! tasks.
 //!
 //! Run with `cargo run --release --example scheduler`.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use mantissa::runtime::{
     ClusterCa, Handle, NodeConfig, Scheduler, SchedulerConfig, TlsConfig, start,
 };
-use mantissa::sched::{ALLOC, JobSpec, Name, NodeRecord, Resources, Strategy, TaskGroup};
+use mantissa::sched::{JobSpec, Name, NodeRecord, Resources, Strategy, TaskGroup};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -38,8 +39,8 @@ async fn main() -> Result<(), Error> {
         machines.push((node, scheduler));
     }
 
-    // Each machine's agent watches the ledgers: its own says what it admitted, the others say
-    // whether another machine won one of its tasks in a race.
+    // Each machine's agent follows its allocations: what its own ledger admitted, less any task
+    // another machine won in a race.
     for (node, _) in &machines {
         let node = node.clone();
         tokio::spawn(async move { run_tasks(node).await });
@@ -109,12 +110,10 @@ async fn main() -> Result<(), Error> {
 /// stops its copy as soon as it sees the winner's ledger: the window where a task runs twice.
 /// A task that must never run twice fences on its allocation id before it acts.
 async fn run_tasks(node: Handle) -> Result<(), mantissa::runtime::HandleError> {
-    let mut changes = node.watch(ALLOC, None).await?;
+    let mut allocations = node.watch_my_allocations().await?;
     let mut running = BTreeSet::new();
-    while changes.next().await.is_some() {
-        let wanted: BTreeSet<String> = node
-            .my_allocations()
-            .await?
+    while let Some(current) = allocations.next().await {
+        let wanted: BTreeSet<String> = current?
             .into_iter()
             .map(|allocation| allocation.task.to_string())
             .collect();

@@ -126,6 +126,10 @@ async fn a_job_submitted_anywhere_is_admitted_once_within_capacity_and_replaced_
     // Spread: every machine gets tasks, so the one that leaves had some to give back.
     spec.strategy = Strategy::Spread;
     wait_offers(&nodes[1].0, 3).await;
+    // node-a's agent follows what it should run.
+    let mut watch = nodes[0].0.watch_my_allocations().await.expect("watches");
+    let first = watch.next().await.expect("open").expect("reads");
+    assert!(first.is_empty(), "nothing submitted yet: {first:?}");
     nodes[1].0.submit_job(&spec).await.expect("submits");
 
     let mut placements = Vec::new();
@@ -136,6 +140,21 @@ async fn a_job_submitted_anywhere_is_admitted_once_within_capacity_and_replaced_
     // Every replica computes the same allocations, each task on one machine.
     assert!(placements.windows(2).all(|pair| pair[0] == pair[1]));
     assert_eq!(placements[0].len(), 24);
+    let me = nodes[0].0.name().clone();
+    let held_by_me = placements[0].values().filter(|m| **m == me).count();
+    assert!(held_by_me > 0, "spread gives every machine tasks");
+    // The watch answers each change; it reaches node-a's share, and only node-a's tasks.
+    loop {
+        let list = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("the watch answers a change")
+            .expect("open")
+            .expect("reads");
+        assert!(list.iter().all(|allocation| allocation.node == me));
+        if list.len() == held_by_me {
+            break;
+        }
+    }
 
     // A machine leaves: its tasks go back to pending and are placed on the others.
     let mut nodes = nodes;
@@ -168,6 +187,17 @@ async fn a_job_submitted_anywhere_is_admitted_once_within_capacity_and_replaced_
     }
     let mine = nodes[0].0.my_allocations().await.expect("reads");
     assert!(!mine.is_empty() && mine.iter().all(|a| a.node == *nodes[0].0.name()));
+    // The watch follows the re-placement too.
+    loop {
+        let list = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("the watch answers a change")
+            .expect("open")
+            .expect("reads");
+        if list == mine {
+            break;
+        }
+    }
     // Together: a node that shuts down after its peers waits for them in vain.
     let mut stops = tokio::task::JoinSet::new();
     for (handle, scheduler) in nodes {

@@ -23,6 +23,60 @@ use crate::sched::{
     ReleaseCause, SchedError, ViewCache,
 };
 
+/// This machine's allocations as they change, from [`Handle::watch_my_allocations`]: the first
+/// [`AllocationWatch::next`] answers the current list, each later one waits until it differs.
+///
+/// The list changes when this machine admits or releases a task, and when another machine's
+/// ledger or liveness changes which of two machines holding the same task wins, so the watch
+/// follows every ledger and also looks again every [`ALLOCATION_RECHECK`]. Start a task when it
+/// appears and stop it when it disappears; fence external effects with its
+/// [`AllocationId`](crate::sched::AllocationId).
+pub struct AllocationWatch {
+    node: Handle,
+    changes: crate::runtime::Watch,
+    last: Option<Vec<Allocation>>,
+}
+
+/// How often an [`AllocationWatch`] looks again without a ledger change (for liveness).
+pub const ALLOCATION_RECHECK: Duration = Duration::from_secs(1);
+
+impl AllocationWatch {
+    /// The allocations, the first time; after that, the next list that differs from the last
+    /// one answered. `None` once the node has stopped.
+    pub async fn next(&mut self) -> Option<Result<Vec<Allocation>, HandleError>> {
+        loop {
+            if self.last.is_some() {
+                tokio::select! {
+                    event = self.changes.next() => match event {
+                        None => return None,
+                        Some(Err(err)) => {
+                            // Lagged or compacted: the list is recomputed below all the same;
+                            // only a stopped node ends the watch.
+                            debug!(%err, "allocation watch fell behind; re-reading");
+                            match self.node.watch(crate::sched::ALLOC, None).await {
+                                Ok(fresh) => self.changes = fresh,
+                                Err(HandleError::Stopped) => return None,
+                                Err(err) => return Some(Err(err)),
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                    },
+                    () = tokio::time::sleep(ALLOCATION_RECHECK) => {}
+                }
+            }
+            let current = match self.node.my_allocations().await {
+                Ok(current) => current,
+                Err(HandleError::Stopped) => return None,
+                Err(err) => return Some(Err(err)),
+            };
+            if self.last.as_ref() != Some(&current) {
+                self.last = Some(current.clone());
+                return Some(Ok(current));
+            }
+        }
+    }
+}
+
 /// Which rounds a node takes part in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Roles {
@@ -228,6 +282,17 @@ impl Handle {
     pub async fn my_allocations(&self) -> Result<Vec<Allocation>, HandleError> {
         let state = self.scheduling().await?;
         Ok(state.view.node_allocations(&state.me, &state.live))
+    }
+
+    /// Follows this machine's allocations: what it should run, as it changes. See
+    /// [`AllocationWatch`].
+    pub async fn watch_my_allocations(&self) -> Result<AllocationWatch, HandleError> {
+        let changes = self.watch(crate::sched::ALLOC, None).await?;
+        Ok(AllocationWatch {
+            node: self.clone(),
+            changes,
+            last: None,
+        })
     }
 
     /// Runs one scheduling round now: a planning round when `roles.plan`, then an admission
