@@ -46,10 +46,11 @@ const GOSSIP_PORT: u16 = 7701;
 const CONVERGENCE: Duration = Duration::from_secs(30);
 /// How long an agent gets to start answering, or to exit after SIGTERM.
 const PATIENCE: Duration = Duration::from_secs(30);
-/// How long after healing every task may still be held twice. Longer than [`CONVERGENCE`]:
-/// after back-to-back partitions, two members may count each other dead for up to about a
-/// minute (SWIM's periodic announcements bring them back), and each keeps its copy meanwhile.
-const SCHEDULING_CONVERGENCE: Duration = Duration::from_secs(90);
+/// How long after healing every task may still be held twice: membership counts every member
+/// live again within `Config::membership_heal_bound` (7 s on a LAN), then a scheduling round or
+/// two settle the copies. (Before that bound existed, two members could count each other dead
+/// for about a minute after back-to-back partitions, and this was 90 s.)
+const SCHEDULING_CONVERGENCE: Duration = Duration::from_secs(30);
 /// Once the workload's keys and the scheduling state have converged, how long every node gets
 /// to report the same state digest. The version vectors are equal by then; what differs is
 /// tombstones, which each node collects on its own 10 s timer once it knows every member has

@@ -376,6 +376,136 @@ async fn shutdown_delivers_messages_sent_just_before() {
     b.shutdown().await;
 }
 
+/// A large message whose content depends on its index, to check it arrives intact.
+fn numbered_message(index: u32, len: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..len as u32)
+        .map(|j| j.wrapping_mul(31).wrapping_add(index) as u8)
+        .collect();
+    bytes[..4].copy_from_slice(&index.to_be_bytes());
+    bytes
+}
+
+/// A node that does not read its inbox holds at most `inbox_bytes` of messages: the senders
+/// are slowed down, not dropped, and everything arrives intact once the inbox is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_holds_at_most_its_byte_budget_and_loses_nothing() {
+    const MESSAGE: usize = 4 * 1024 * 1024;
+    const COUNT: u32 = 48;
+    const BUDGET: usize = 16 * 1024 * 1024;
+    let ca = ClusterCa::generate("test").expect("ca");
+    let (a, _a_in, _) = bind(tls(&ca, "a")).await;
+    let budget = TransportConfig {
+        max_message_bytes: 8 * 1024 * 1024,
+        inbox_bytes: BUDGET,
+        ..TransportConfig::default()
+    };
+    let (b, mut b_in, b_addr) = bind_with(tls(&ca, "b"), budget).await;
+
+    let sends: Vec<_> = (0..COUNT)
+        .map(|index| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let message = numbered_message(index, MESSAGE);
+                a.send(b_addr, Some("b"), Channel::Stream, message).await
+            })
+        })
+        .collect();
+
+    // Nobody reads b's inbox yet: it fills to its budget (four messages) and stays there
+    // while the senders, with far more to send, wait.
+    eventually("b's inbox fills to its budget", || {
+        b.stats().inbox_bytes >= BUDGET as u64
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    let stalled = b.stats();
+    assert_eq!(stalled.inbox_bytes_max, BUDGET as u64, "{stalled:?}");
+    assert_eq!(
+        stalled.messages_received,
+        (BUDGET / MESSAGE) as u64,
+        "{stalled:?}"
+    );
+
+    let mut seen = BTreeSet::new();
+    while seen.len() < COUNT as usize {
+        let got = recv(&mut b_in).await;
+        assert_eq!(got.bytes.len(), MESSAGE, "a message arrived cut");
+        let index = u32::from_be_bytes(got.bytes[..4].try_into().expect("4 bytes"));
+        assert!(
+            got.bytes == numbered_message(index, MESSAGE),
+            "message {index} corrupted"
+        );
+        assert!(seen.insert(index), "duplicate message {index}");
+        assert!(b.stats().inbox_bytes <= BUDGET as u64, "{:?}", b.stats());
+    }
+    for send in sends {
+        send.await.expect("send task").expect("send");
+    }
+    let stats = b.stats();
+    assert!(stats.inbox_bytes_max <= BUDGET as u64, "{stats:?}");
+    assert_eq!(stats.inbox_bytes_max, BUDGET as u64, "{stats:?}");
+    assert_eq!(
+        stats.inbox_bytes, 0,
+        "handled messages give their bytes back"
+    );
+    assert_eq!(stats.messages_received, u64::from(COUNT));
+    assert_eq!(stats.bytes_received, u64::from(COUNT) * MESSAGE as u64);
+}
+
+/// Datagrams that do not fit in the inbox's byte budget are dropped and counted; once the
+/// node has handled what it held, they fit again.
+#[tokio::test]
+async fn datagrams_over_the_inbox_byte_budget_are_dropped_and_counted() {
+    let ca = ClusterCa::generate("test").expect("ca");
+    let (a, _a_in, _) = bind(tls(&ca, "a")).await;
+    let tiny = TransportConfig {
+        max_message_bytes: 4096,
+        inbox_bytes: 4096,
+        ..TransportConfig::default()
+    };
+    let (b, mut b_in, b_addr) = bind_with(tls(&ca, "b"), tiny).await;
+
+    // One stream message takes the whole budget; nobody reads it yet.
+    a.send(b_addr, Some("b"), Channel::Stream, vec![1u8; 4096])
+        .await
+        .expect("a -> b stream");
+    eventually("b's inbox is full", || b.stats().inbox_bytes == 4096).await;
+
+    // Datagrams are lossy on loopback too: send until b has counted one dropped.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while b.stats().datagrams_dropped == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no datagram dropped"
+        );
+        a.send(b_addr, Some("b"), Channel::Datagram, b"probe".to_vec())
+            .await
+            .expect("a -> b datagram");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.stats().messages_received, 1, "{:?}", b.stats());
+
+    let held = recv(&mut b_in).await;
+    assert_eq!(held.channel, Channel::Stream);
+    drop(held);
+    assert_eq!(b.stats().inbox_bytes, 0);
+    let mut delivered = None;
+    for _ in 0..50 {
+        a.send(b_addr, Some("b"), Channel::Datagram, b"probe".to_vec())
+            .await
+            .expect("a -> b datagram");
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(200), b_in.recv()).await {
+            delivered = Some(got);
+            break;
+        }
+    }
+    let got = delivered.expect("a datagram arrives once there is room");
+    assert_eq!(
+        (got.channel, got.bytes.as_slice()),
+        (Channel::Datagram, &b"probe"[..])
+    );
+}
+
 #[tokio::test]
 async fn oversized_message_is_dropped_and_connection_survives() {
     let ca = ClusterCa::generate("test").expect("ca");

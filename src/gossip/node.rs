@@ -14,6 +14,10 @@ use crate::gossip::message::{MAX_DOTS_PER_MESSAGE, Message, version_hash};
 use crate::gossip::recent::RecentWrites;
 use crate::gossip::{Config, ConfigError, Member, MemberName};
 
+/// How many members counted as down a member that knows no live one announces itself to, each
+/// anti-entropy interval.
+const DOWN_MEMBERS_ANNOUNCED: usize = 3;
+
 /// Where a message goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Destination {
@@ -277,16 +281,46 @@ impl Node {
     // ---- inputs ----
 
     /// Joins the cluster through members at `seeds`. The announcement is repeated every
-    /// anti-entropy interval for as long as no member is known, since it travels as a datagram
-    /// and may be lost.
+    /// anti-entropy interval to every seed while no member is known, since it travels as a
+    /// datagram and may be lost, and for good to each seed SWIM has never heard of: members that
+    /// found each other while their announcements to a seed were lost would otherwise form a
+    /// cluster of their own.
     pub fn join(&mut self, seeds: &[SocketAddr], now: Instant) {
         self.seeds = seeds.to_vec();
         self.announce_to_seeds(now);
     }
 
+    /// Announces this member to a few members SWIM counts as down. SWIM does so itself every
+    /// probe period, but only while it knows a live member: a member that counts everyone else as
+    /// down, and whose seeds are gone or on its own side, would otherwise wait for the others to
+    /// reach it.
+    fn announce_to_down_members(&mut self, now: Instant) {
+        let down: Vec<Member> = self
+            .swim
+            .iter_membership_state()
+            .filter(|member| member.state() == foca::State::Down)
+            .map(|member| member.id().clone())
+            .sample(&mut self.rng, DOWN_MEMBERS_ANNOUNCED);
+        for member in down {
+            let mut runtime = self.swim_runtime(now);
+            // Announce fails only for our own identity, which SWIM never lists.
+            let _ = self.swim.announce(member, &mut runtime);
+            self.absorb_swim(runtime);
+        }
+    }
+
+    /// Announces this member to every seed while it knows no live member, and otherwise to the
+    /// seeds SWIM knows nothing of (those it counts down get the announcements of
+    /// [`Config::swim`]).
     fn announce_to_seeds(&mut self, now: Instant) {
+        let alone = self.members.is_empty();
+        let known: BTreeSet<SocketAddr> = self
+            .swim
+            .iter_membership_state()
+            .map(|member| member.id().addr)
+            .collect();
         for addr in self.seeds.clone() {
-            if addr == self.me.addr {
+            if addr == self.me.addr || (!alone && known.contains(&addr)) {
                 continue;
             }
             let mut runtime = self.swim_runtime(now);
@@ -879,6 +913,16 @@ impl Node {
             match notification {
                 Change::Up(member) => self.member_up(member),
                 Change::Down(member) => self.member_down(&member),
+                Change::Renamed { old, new } => {
+                    // SWIM reports a new identity under a known address whether it is alive or
+                    // down (a member declared down again after its rejoin, say), and adds
+                    // `MemberUp` or `MemberDown` only when the address's liveness changed.
+                    if self.swim.iter_members().any(|member| member.id() == &new) {
+                        self.member_up(new);
+                    } else {
+                        self.member_down(&old);
+                    }
+                }
                 Change::Rejoined(member) => {
                     self.me = member.clone();
                     self.events.push_back(Event::Rejoined(member));
@@ -888,6 +932,9 @@ impl Node {
     }
 
     fn member_up(&mut self, member: Member) {
+        if self.members.get(&member.name) == Some(&member) {
+            return;
+        }
         let name = member.name.clone();
         self.addresses.insert(name.clone(), member.addr);
         self.members.insert(name.clone(), member.clone());
@@ -959,8 +1006,9 @@ impl Node {
             Task::Announce => self.send_announcements(),
             Task::Graft => self.send_grafts(now),
             Task::AntiEntropy => {
+                self.announce_to_seeds(now);
                 if self.members.is_empty() {
-                    self.announce_to_seeds(now);
+                    self.announce_to_down_members(now);
                 }
                 self.open_anti_entropy();
                 self.schedule(now + self.config.anti_entropy_interval, Task::AntiEntropy);
@@ -1023,6 +1071,11 @@ impl Node {
 enum Change {
     Up(Member),
     Down(Member),
+    /// A member came back under a new identity with the same address; alive or not.
+    Renamed {
+        old: Member,
+        new: Member,
+    },
     Rejoined(Member),
 }
 
@@ -1041,8 +1094,10 @@ impl foca::Runtime<Member> for SwimRuntime {
             Notification::MemberDown(member) => {
                 self.notifications.push(Change::Down(member.clone()));
             }
-            // Another member came back under a new identity with the same name.
-            Notification::Rename(_, new) => self.notifications.push(Change::Up(new.clone())),
+            Notification::Rename(old, new) => self.notifications.push(Change::Renamed {
+                old: old.clone(),
+                new: new.clone(),
+            }),
             Notification::Rejoin(me) => self.notifications.push(Change::Rejoined(me.clone())),
             _ => {}
         }
@@ -1114,6 +1169,86 @@ mod tests {
             );
         }
         assert_eq!(nodes[0].members().count(), 2);
+    }
+
+    /// Members that found each other while their announcements to a seed were lost keep
+    /// announcing to it, or they would stay a cluster of their own.
+    #[test]
+    fn groups_that_formed_apart_merge_through_the_seeds() {
+        let start = Instant::now();
+        let mut nodes: Vec<Node> = (0..4).map(|i| node(i, start)).collect();
+        let seeds = [nodes[0].me().addr, nodes[1].me().addr];
+        let members: Vec<Member> = nodes.iter().map(|node| node.me().clone()).collect();
+        for (i, peer) in [(0, 2), (2, 0), (1, 3), (3, 1)] {
+            nodes[i].join(&seeds, start);
+            nodes[i].add_members([members[peer].clone()], start);
+            // Lost: the groups {0, 2} and {1, 3} never hear of each other.
+            while nodes[i].poll_transmit().is_some() {}
+        }
+        let later = start + Config::lan().anti_entropy_interval;
+        for node in &mut nodes {
+            node.handle_timeout(later);
+        }
+        pump(&mut nodes, later);
+        for node in &nodes {
+            let known: Vec<&str> = node.members().map(|m| m.name.as_str()).collect();
+            assert_eq!(known.len(), 3, "{} knows only {known:?}", node.me().name);
+        }
+    }
+
+    /// A SWIM gossip packet from `from` to `to` carrying `updates`, as a message.
+    fn gossip(from: &Member, to: &Member, updates: &[foca::Member<Member>]) -> Vec<u8> {
+        use foca::Codec;
+        let header = foca::Header {
+            src: from.clone(),
+            src_incarnation: 0,
+            dst: to.clone(),
+            message: foca::Message::Gossip,
+        };
+        let mut packet = Vec::new();
+        PostcardCodec
+            .encode_header(&header, &mut packet)
+            .expect("a header encodes");
+        let count = u16::try_from(updates.len()).expect("a few updates");
+        packet.extend_from_slice(&count.to_be_bytes());
+        for update in updates {
+            PostcardCodec
+                .encode_member(update, &mut packet)
+                .expect("a member encodes");
+        }
+        Message::Swim(packet).encode()
+    }
+
+    /// SWIM reports a member's new generation as a rename whether that generation is alive or
+    /// down; a down one must not count as live.
+    #[test]
+    fn a_member_counted_down_stays_down_under_its_next_generation() {
+        use foca::Identity;
+        let now = Instant::now();
+        let mut a = node(0, now);
+        let (b, c) = (simulated_member(1), simulated_member(2));
+        a.add_members([b.clone(), c.clone()], now);
+        let tell = |a: &mut Node, update| {
+            let bytes = gossip(&c, a.me(), &[update]);
+            let result = a.handle_message(&c.name, c.addr, &bytes, now);
+            assert!(result.is_ok(), "{result:?}");
+        };
+        let live = |a: &Node| a.members().find(|m| m.name == b.name).cloned();
+
+        tell(&mut a, foca::Member::down(b.clone()));
+        assert_eq!(live(&a), None);
+        let renewed = b.renew().expect("a next generation");
+        tell(&mut a, foca::Member::down(renewed.clone()));
+        assert_eq!(live(&a), None, "a down generation counted live");
+
+        while a.poll_event().is_some() {}
+        let back = renewed.renew().expect("a next generation");
+        tell(&mut a, foca::Member::alive(back.clone()));
+        assert_eq!(live(&a), Some(back.clone()));
+        let ups = std::iter::from_fn(|| a.poll_event())
+            .filter(|event| event == &Event::MemberUp(back.clone()))
+            .count();
+        assert_eq!(ups, 1, "one member came back, one event");
     }
 
     #[test]

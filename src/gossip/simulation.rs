@@ -628,3 +628,103 @@ fn splitmix64(n: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether every node counts every other one alive (by name, as the application sees it).
+    fn everyone_live(sim: &Simulation) -> bool {
+        let others = sim.nodes().len() - 1;
+        sim.nodes()
+            .iter()
+            .all(|node| node.members().count() == others)
+    }
+
+    /// Runs `sim` through `schedule` (milliseconds after the start: cut off a side, or heal with
+    /// an empty side), then returns whether the heal left anything to repair, and whether every
+    /// node counted every other one alive within the bound after the last heal.
+    fn heals_within_the_bound(sim: &mut Simulation, schedule: &[(u64, &[usize])]) -> (bool, bool) {
+        let start = sim.now();
+        for &(at, side) in schedule {
+            sim.run_until(start + Duration::from_millis(at), |_| false);
+            if side.is_empty() {
+                sim.heal();
+            } else {
+                sim.partition(side);
+            }
+        }
+        let broken = !everyone_live(sim);
+        let deadline = sim.now() + Config::lan().membership_heal_bound();
+        (broken, sim.run_until(deadline, everyone_live))
+    }
+
+    /// Regression test: two partitions in a row (the fault schedule that showed it in the
+    /// scheduling simulation) left members that each side had declared down out of the other
+    /// side's live set for up to a minute, until SWIM's announcement to members counted as down
+    /// came round again.
+    #[test]
+    fn members_declared_down_in_two_partitions_in_a_row_are_live_everywhere_soon_after_the_heal() {
+        let schedule: &[(u64, &[usize])] = &[
+            (398, &[4, 5]),
+            (6_932, &[]),
+            (7_369, &[0, 1, 4]),
+            (13_921, &[]),
+        ];
+        let mut repaired = 0;
+        for seed in 0..10 {
+            let mut sim = Simulation::new(
+                6,
+                Config::lan(),
+                NetworkModel::default(),
+                seed,
+                Instant::now(),
+            );
+            let (broken, healed) = heals_within_the_bound(&mut sim, schedule);
+            assert!(healed, "seed {seed}: not everyone live within the bound");
+            repaired += usize::from(broken);
+        }
+        assert!(
+            repaired > 0,
+            "no seed left a member counted down at the heal"
+        );
+    }
+
+    /// Each side of a long partition declares the other down, so neither probes the other after
+    /// the heal; announcements to members counted as down must bridge it.
+    #[test]
+    fn both_sides_of_a_long_partition_count_each_other_live_soon_after_the_heal() {
+        for seed in 0..5 {
+            let network = NetworkModel {
+                jitter: Duration::from_millis(3),
+                datagram_loss: 0.05,
+                ..NetworkModel::default()
+            };
+            let mut sim = Simulation::new(20, Config::lan(), network, seed, Instant::now());
+            let side: Vec<usize> = (0..20).filter(|i| i % 3 == 0).collect();
+            let (broken, healed) =
+                heals_within_the_bound(&mut sim, &[(1_000, &side), (21_000, &[])]);
+            assert!(broken, "seed {seed}: the partition declared nobody down");
+            assert!(healed, "seed {seed}: not everyone live within the bound");
+        }
+    }
+
+    /// A member that counts every other one down runs no SWIM timer at all, and these nodes have
+    /// no seeds: only its own announcements to the members it counts down can bring it back.
+    #[test]
+    fn members_that_count_everyone_down_find_each_other_after_the_heal() {
+        for seed in 0..5 {
+            let mut sim = Simulation::new(
+                2,
+                Config::lan(),
+                NetworkModel::default(),
+                seed,
+                Instant::now(),
+            );
+            let (broken, healed) =
+                heals_within_the_bound(&mut sim, &[(1_000, &[0]), (21_000, &[])]);
+            assert!(broken, "seed {seed}: the partition declared nobody down");
+            assert!(healed, "seed {seed}: not everyone live within the bound");
+        }
+    }
+}

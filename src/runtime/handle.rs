@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +27,9 @@ use crate::runtime::{
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
 const PEER_QUEUE: usize = 1024;
+/// Payload bytes queued towards one peer before new messages are dropped; raised to the
+/// protocol's largest message when that is larger, so every message can be sent.
+const PEER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// How long shutdown waits for queued messages to be handed to the transport.
 const SHUTDOWN_SEND_BOUND: Duration = Duration::from_secs(5);
 /// Commands (or peers' messages) handled before the node's outputs are flushed.
@@ -176,6 +180,8 @@ pub struct Status {
     pub storage: Option<StorageStats>,
     /// The transport's counters: connections, refused handshakes, dropped messages.
     pub transport: TransportStats,
+    /// Outgoing messages dropped because their peer's queue was full (in messages or bytes).
+    pub peer_queue_dropped: u64,
 }
 
 /// What [`Handle::digest`] answers.
@@ -337,6 +343,8 @@ fn launch(
         transport,
         wall_clock: config.wall_clock.clone(),
         peers: HashMap::new(),
+        peer_queue_bytes: PEER_QUEUE_BYTES.max(config.gossip.max_message_bytes),
+        peer_queue_dropped: 0,
         senders: tokio::task::JoinSet::new(),
         watchers: Vec::new(),
         waiters: Vec::new(),
@@ -651,7 +659,11 @@ struct Driver {
     transport: Transport,
     wall_clock: WallClock,
     /// A sending task per peer address, so one slow peer never delays the others.
-    peers: HashMap<SocketAddr, mpsc::Sender<Transmit>>,
+    peers: HashMap<SocketAddr, PeerQueue>,
+    /// Payload bytes each peer's queue may hold.
+    peer_queue_bytes: usize,
+    /// Messages dropped at a full peer queue.
+    peer_queue_dropped: u64,
     /// The sending tasks, awaited on shutdown so what they hold is handed to the transport.
     senders: tokio::task::JoinSet<()>,
     watchers: Vec<Watcher>,
@@ -869,12 +881,16 @@ impl Driver {
     fn dispatch(&mut self, transmit: Transmit) {
         let addr = transmit.to.addr;
         let queue = self.peers.entry(addr).or_insert_with(|| {
-            let (sender, receiver) = mpsc::channel(PEER_QUEUE);
-            self.senders
-                .spawn(send_loop(self.transport.clone(), receiver));
-            sender
+            let (queue, receiver) = PeerQueue::new(PEER_QUEUE, self.peer_queue_bytes);
+            self.senders.spawn(send_loop(
+                self.transport.clone(),
+                receiver,
+                queue.queued.clone(),
+            ));
+            queue
         });
-        if queue.try_send(transmit).is_err() {
+        if !queue.offer(transmit) {
+            self.peer_queue_dropped += 1;
             debug!(%addr, "peer queue full; message dropped (anti-entropy will repair)");
         }
     }
@@ -1009,6 +1025,7 @@ impl Driver {
             stats: self.node.stats().clone(),
             storage: self.storage.as_ref().map(Storage::stats),
             transport: self.transport.stats(),
+            peer_queue_dropped: self.peer_queue_dropped,
         }
     }
 
@@ -1044,8 +1061,58 @@ impl Driver {
     }
 }
 
-async fn send_loop(transport: Transport, mut queue: mpsc::Receiver<Transmit>) {
+/// The queue towards one peer's sending task, bounded in messages and in payload bytes.
+struct PeerQueue {
+    sender: mpsc::Sender<Transmit>,
+    /// Payload bytes queued and not yet handed to the transport; the sending task gives them
+    /// back once it has written each message.
+    queued: Arc<AtomicUsize>,
+    /// The most `queued` may reach.
+    budget: usize,
+}
+
+impl PeerQueue {
+    fn new(messages: usize, budget: usize) -> (PeerQueue, mpsc::Receiver<Transmit>) {
+        let (sender, receiver) = mpsc::channel(messages);
+        let queue = PeerQueue {
+            sender,
+            queued: Arc::new(AtomicUsize::new(0)),
+            budget,
+        };
+        (queue, receiver)
+    }
+
+    /// Queues `transmit` unless that would exceed the queue's messages or bytes; `false` when
+    /// the message was dropped.
+    fn offer(&self, transmit: Transmit) -> bool {
+        let len = transmit.payload.len();
+        let fits = |queued: usize| {
+            queued
+                .checked_add(len)
+                .filter(|total| *total <= self.budget)
+        };
+        if self
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fits)
+            .is_err()
+        {
+            return false;
+        }
+        if self.sender.try_send(transmit).is_err() {
+            self.queued.fetch_sub(len, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+}
+
+async fn send_loop(
+    transport: Transport,
+    mut queue: mpsc::Receiver<Transmit>,
+    queued: Arc<AtomicUsize>,
+) {
     while let Some(transmit) = queue.recv().await {
+        let len = transmit.payload.len();
         let channel = match transmit.channel {
             gossip::Channel::Datagram => Channel::Datagram,
             _ => Channel::Stream,
@@ -1057,6 +1124,7 @@ async fn send_loop(transport: Transport, mut queue: mpsc::Receiver<Transmit>) {
         {
             debug!(addr = %transmit.to.addr, error = %err, "send failed");
         }
+        queued.fetch_sub(len, Ordering::SeqCst);
     }
 }
 
@@ -1085,4 +1153,47 @@ fn new_incarnation(clock: &WallClock) -> NodeId {
         hasher.finish() & 0xf_ffff
     };
     NodeId((millis << 20) | noise)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transmit(len: usize) -> Transmit {
+        Transmit {
+            to: gossip::Destination {
+                name: None,
+                addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            },
+            channel: gossip::Channel::Stream,
+            payload: vec![0; len],
+        }
+    }
+
+    #[test]
+    fn peer_queue_drops_what_exceeds_its_byte_budget() {
+        // A peer that never reads: the receiver is kept but never drained.
+        let (queue, mut receiver) = PeerQueue::new(PEER_QUEUE, 1000);
+        assert!(queue.offer(transmit(600)));
+        assert!(!queue.offer(transmit(600)), "over the byte budget");
+        assert!(queue.offer(transmit(400)), "exactly fills the budget");
+        assert!(!queue.offer(transmit(1)), "nothing more fits");
+        assert_eq!(queue.queued.load(Ordering::SeqCst), 1000);
+
+        // What the sending task does once it has written a message: give its bytes back.
+        let sent = receiver.try_recv().expect("queued message");
+        queue.queued.fetch_sub(sent.payload.len(), Ordering::SeqCst);
+        assert!(queue.offer(transmit(600)));
+        assert_eq!(receiver.len(), 2);
+    }
+
+    #[test]
+    fn peer_queue_still_bounds_messages() {
+        let (queue, _receiver) = PeerQueue::new(2, 1000);
+        assert!(queue.offer(transmit(1)));
+        assert!(queue.offer(transmit(1)));
+        assert!(!queue.offer(transmit(1)), "over the message bound");
+        // A message refused for the count gives its bytes back.
+        assert_eq!(queue.queued.load(Ordering::SeqCst), 2);
+    }
 }

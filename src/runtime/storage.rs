@@ -34,6 +34,12 @@ const MAX_BATCH_JOBS: usize = 4096;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 
+/// The data file's page cache. redb's default (1 GiB) lets a node's resident memory grow with
+/// the file, whose log of deltas grows to 64 MiB (or the snapshot's size) before it is replaced.
+/// Reads never go to the file (the replica lives in memory), so the cache only serves commits
+/// and recovery.
+const PAGE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Where and how a node keeps its replica on disk.
 #[derive(Clone, Debug)]
 pub struct StorageConfig {
@@ -369,7 +375,10 @@ fn read_file(
     // repaired before it can be read.
     let exists = std::fs::metadata(path).is_ok_and(|meta| meta.len() > 0);
     let checked = if exists {
-        match redb::Builder::new().open_read_only(path) {
+        match redb::Builder::new()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .open_read_only(path)
+        {
             Ok(db) => Some(read_state(&db, path, config)?),
             Err(redb::DatabaseError::RepairAborted) => None,
             Err(err) => return Err(open_error(path, err)),
@@ -377,7 +386,10 @@ fn read_file(
     } else {
         None
     };
-    let db = Database::create(path).map_err(|err| open_error(path, err))?;
+    let db = redb::Builder::new()
+        .set_cache_size(PAGE_CACHE_BYTES)
+        .create(path)
+        .map_err(|err| open_error(path, err))?;
     write_format(&db, path)?;
     let (replica, stats) = match checked {
         Some(state) => state,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::{ConnectionError, RecvStream, SendDatagramError, SendStream, VarInt, WriteError};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{RwLock, mpsc, watch};
+use tokio::sync::{RwLock, Semaphore, SemaphorePermit, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::runtime::tls::{
@@ -30,6 +30,11 @@ use crate::runtime::tls::{
 
 /// Capacity of the channel between the connection tasks and the [`Inbox`].
 const INBOX_CAPACITY: usize = 4096;
+/// Bytes of a message any stream may read on its own; past this it needs a large-read slot.
+const SMALL_MESSAGE_BYTES: usize = 64 * 1024;
+/// Messages longer than [`SMALL_MESSAGE_BYTES`] read at once, across every connection, so
+/// a flood of large messages holds a bounded number of them half-read.
+const LARGE_READ_SLOTS: usize = 4;
 /// Concurrent message streams a peer may have open towards us.
 const MAX_UNI_STREAMS: u32 = 1024;
 /// Concurrent control streams a peer may open: one bye per connection is all it needs.
@@ -65,6 +70,10 @@ pub struct TransportConfig {
     pub max_datagram_bytes: usize,
     /// How long shutdown waits for peers to confirm they read everything (default 5 s).
     pub drain_timeout: Duration,
+    /// Payload bytes of received messages held until the node has handled them (default
+    /// 256 MiB). At least `max_message_bytes` and below 4 GiB. Stream readers wait for room,
+    /// which slows the sender through QUIC flow control; datagrams over it are dropped.
+    pub inbox_bytes: usize,
 }
 
 impl Default for TransportConfig {
@@ -75,6 +84,7 @@ impl Default for TransportConfig {
             idle_timeout: Duration::from_secs(30),
             max_datagram_bytes: 1200,
             drain_timeout: Duration::from_secs(5),
+            inbox_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -90,6 +100,9 @@ pub enum Channel {
 }
 
 /// A message received from a peer.
+///
+/// It counts against the inbox budget (`TransportConfig::inbox_bytes`) until it is dropped;
+/// clones share that hold, released with the last of them.
 #[derive(Debug, Clone)]
 pub struct Received {
     /// The sender's node name, from its verified certificate.
@@ -100,6 +113,8 @@ pub struct Received {
     pub channel: Channel,
     /// The message.
     pub bytes: Vec<u8>,
+    /// The inbox bytes this message holds, returned when the last clone is dropped.
+    _held: Arc<InboxHold>,
 }
 
 /// A snapshot of the transport's counters.
@@ -117,8 +132,12 @@ pub struct TransportStats {
     pub bytes_received: u64,
     /// Incoming messages dropped for exceeding `max_message_bytes`.
     pub oversized_dropped: u64,
-    /// Incoming datagrams dropped because the inbox was full.
+    /// Incoming datagrams dropped because the inbox was full (in messages or bytes).
     pub datagrams_dropped: u64,
+    /// Payload bytes of received messages not yet handled (dropped) by the node.
+    pub inbox_bytes: u64,
+    /// The highest `inbox_bytes` since the transport started.
+    pub inbox_bytes_max: u64,
     /// Connections this node dialed successfully.
     pub connections_dialed: u64,
     /// Connections this node accepted successfully.
@@ -309,6 +328,7 @@ impl Transport {
         endpoint_config: quinn::EndpointConfig,
     ) -> Result<(Transport, Inbox), TransportError> {
         let quic = Arc::new(quic_config(&config)?);
+        let inbox_permits = inbox_permits(&config)?;
         let mut server = quinn::ServerConfig::with_crypto(tls.server_crypto());
         server.transport_config(quic.clone());
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -328,6 +348,8 @@ impl Transport {
             table: Mutex::default(),
             dial_locks: Mutex::default(),
             inbox: tx,
+            inbox_budget: Arc::new(InboxBudget::new(inbox_permits)),
+            large_reads: Semaphore::new(LARGE_READ_SLOTS),
             counters: Counters::default(),
             closing: AtomicBool::new(false),
         });
@@ -395,7 +417,8 @@ impl Transport {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> TransportStats {
-        self.shared().counters.snapshot()
+        let shared = self.shared();
+        shared.counters.snapshot(&shared.inbox_budget)
     }
 
     /// Open connections, draining ones included (for tests and metrics).
@@ -473,6 +496,10 @@ struct Shared {
     /// One dial at a time per address, so concurrent sends share a connection.
     dial_locks: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     inbox: mpsc::Sender<Received>,
+    /// Byte room in the inbox: a message takes its length before it enters the channel.
+    inbox_budget: Arc<InboxBudget>,
+    /// Slots for reading a message past [`SMALL_MESSAGE_BYTES`].
+    large_reads: Semaphore,
     counters: Counters,
     closing: AtomicBool,
 }
@@ -505,6 +532,39 @@ struct Link {
     own_bye_acked: watch::Sender<bool>,
     /// We confirmed reading every stream the peer opened.
     peer_bye_acked: AtomicBool,
+}
+
+/// Why reading a message stream failed.
+enum ReadFailure {
+    /// The message exceeds `max_message_bytes`.
+    TooLong,
+    /// The stream or the connection failed.
+    Stream(quinn::ReadError),
+}
+
+impl From<quinn::ReadError> for ReadFailure {
+    fn from(error: quinn::ReadError) -> Self {
+        ReadFailure::Stream(error)
+    }
+}
+
+/// The inbox's byte budget: permits for the payload bytes of messages not yet handled, and
+/// gauges of how much is held.
+#[derive(Debug)]
+struct InboxBudget {
+    permits: Semaphore,
+    /// Bytes held now; rises after the permits are taken and falls before they are returned,
+    /// so it never exceeds the budget.
+    held: AtomicU64,
+    /// The highest `held` seen.
+    held_max: AtomicU64,
+}
+
+/// The inbox bytes one received message holds, returned when it is dropped.
+#[derive(Debug)]
+struct InboxHold {
+    budget: Arc<InboxBudget>,
+    permits: u32,
 }
 
 /// Why a send on one connection did not go through.
@@ -799,21 +859,31 @@ impl Shared {
             .is_some_and(|max| len <= max.min(limit))
     }
 
-    /// Hands a stream message to the inbox, waiting while it is full (backpressure).
+    /// Hands a stream message to the inbox, waiting while it is full in bytes or messages
+    /// (backpressure).
     async fn deliver(&self, link: &Link, bytes: Vec<u8>) {
+        let Some(held) = self.inbox_budget.clone().acquire(bytes.len()).await else {
+            return;
+        };
         // Reserve first so the counter is up to date by the time the message can be read.
         if let Ok(permit) = self.inbox.reserve().await {
             self.counters.received(bytes.len());
-            permit.send(link.received(Channel::Stream, bytes));
+            permit.send(link.received(Channel::Stream, bytes, held));
         }
     }
 
     /// Hands a datagram to the inbox, dropping it when the inbox is full: datagrams are lossy.
     fn deliver_datagram(&self, link: &Link, bytes: Bytes) {
+        let Some(held) = self.inbox_budget.clone().try_acquire(bytes.len()) else {
+            self.counters
+                .datagrams_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
         match self.inbox.try_reserve() {
             Ok(permit) => {
                 self.counters.received(bytes.len());
-                permit.send(link.received(Channel::Datagram, bytes.to_vec()));
+                permit.send(link.received(Channel::Datagram, bytes.to_vec(), held));
             }
             Err(mpsc::error::TrySendError::Full(())) => {
                 self.counters
@@ -821,6 +891,33 @@ impl Shared {
                     .fetch_add(1, Ordering::Relaxed);
             }
             Err(mpsc::error::TrySendError::Closed(())) => {}
+        }
+    }
+
+    /// Reads one message: the first [`SMALL_MESSAGE_BYTES`] freely, the rest holding a
+    /// large-read slot, which the caller keeps until the message is delivered.
+    async fn read_body(
+        &self,
+        recv: &mut RecvStream,
+    ) -> Result<(Vec<u8>, Option<SemaphorePermit<'_>>), ReadFailure> {
+        let limit = self.config.max_message_bytes;
+        let mut bytes = Vec::new();
+        if read_until(recv, &mut bytes, SMALL_MESSAGE_BYTES.min(limit)).await? {
+            return Ok((bytes, None));
+        }
+        let slot = if bytes.len() < limit {
+            // The semaphore is never closed; `None` would only mean reading without a slot.
+            self.large_reads.acquire().await.ok()
+        } else {
+            None
+        };
+        if read_until(recv, &mut bytes, limit).await? {
+            return Ok((bytes, slot));
+        }
+        // Exactly `limit` bytes so far: fine if the stream ends here.
+        match recv.read_chunk(1, true).await? {
+            None => Ok((bytes, slot)),
+            Some(_) => Err(ReadFailure::TooLong),
         }
     }
 }
@@ -874,12 +971,13 @@ impl Link {
         }
     }
 
-    fn received(&self, channel: Channel, bytes: Vec<u8>) -> Received {
+    fn received(&self, channel: Channel, bytes: Vec<u8>, held: InboxHold) -> Received {
         Received {
             from: self.peer.clone(),
             addr: self.conn.remote_address(),
             channel,
             bytes,
+            _held: Arc::new(held),
         }
     }
 
@@ -930,12 +1028,16 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
     log_close(&link.peer, &reason);
 }
 
-/// Reads one message stream to its end, within the size limit.
+/// Reads one message stream to its end, within the size limit, and delivers it.
 async fn read_message(shared: Arc<Shared>, link: Arc<Link>, mut recv: RecvStream) {
     let limit = shared.config.max_message_bytes;
-    match recv.read_to_end(limit).await {
-        Ok(bytes) => shared.deliver(&link, bytes).await,
-        Err(quinn::ReadToEndError::TooLong) => {
+    match shared.read_body(&mut recv).await {
+        Ok((bytes, slot)) => {
+            shared.deliver(&link, bytes).await;
+            // Until delivered, the message is held here and not yet counted in the inbox.
+            drop(slot);
+        }
+        Err(ReadFailure::TooLong) => {
             shared
                 .counters
                 .oversized_dropped
@@ -944,9 +1046,27 @@ async fn read_message(shared: Arc<Shared>, link: Arc<Link>, mut recv: RecvStream
             // Tell the sender to stop; the connection itself stays up.
             let _ = recv.stop(STOP_TOO_LARGE);
         }
-        Err(error) => debug!(peer = %link.peer, %error, "message stream failed"),
+        Err(ReadFailure::Stream(error)) => {
+            debug!(peer = %link.peer, %error, "message stream failed")
+        }
     }
     link.completed.send_modify(|n| *n += 1);
+}
+
+/// Appends the stream's data to `bytes` until the stream ends (`true`) or `bytes` holds `cap`
+/// bytes (`false`).
+async fn read_until(
+    recv: &mut RecvStream,
+    bytes: &mut Vec<u8>,
+    cap: usize,
+) -> Result<bool, quinn::ReadError> {
+    while bytes.len() < cap {
+        match recv.read_chunk(cap - bytes.len(), true).await? {
+            Some(chunk) => bytes.extend_from_slice(&chunk.bytes),
+            None => return Ok(true),
+        }
+    }
+    Ok(false)
 }
 
 /// Our half of draining: freeze sends, announce our stream count, await the peer's answer.
@@ -1050,6 +1170,21 @@ fn peer_name(conn: &quinn::Connection) -> Result<String, TlsError> {
     node_name_from_cert(certs.first().ok_or_else(missing)?)
 }
 
+/// The inbox budget in semaphore permits (one per byte), checked against the message limit so
+/// that any accepted message fits once the inbox has drained.
+fn inbox_permits(config: &TransportConfig) -> Result<u32, TransportError> {
+    let permits = u32::try_from(config.inbox_bytes)
+        .ok()
+        .filter(|permits| *permits < u32::MAX)
+        .ok_or(TransportError::Config("inbox_bytes must be below 4 GiB"))?;
+    if config.inbox_bytes < config.max_message_bytes {
+        return Err(TransportError::Config(
+            "inbox_bytes must be at least max_message_bytes",
+        ));
+    }
+    Ok(permits)
+}
+
 /// quinn's transport settings derived from ours.
 fn quic_config(config: &TransportConfig) -> Result<quinn::TransportConfig, TransportError> {
     if config.max_message_bytes == 0 {
@@ -1111,6 +1246,48 @@ fn log_close(peer: &str, reason: &ConnectionError) {
     }
 }
 
+impl InboxBudget {
+    fn new(permits: u32) -> InboxBudget {
+        InboxBudget {
+            permits: Semaphore::new(permits as usize),
+            held: AtomicU64::new(0),
+            held_max: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits until `len` bytes fit; `None` for a length the budget can never hold.
+    async fn acquire(self: Arc<Self>, len: usize) -> Option<InboxHold> {
+        let permits = u32::try_from(len).ok()?;
+        self.permits.acquire_many(permits).await.ok()?.forget();
+        Some(self.hold(permits))
+    }
+
+    /// Takes `len` bytes if they fit now.
+    fn try_acquire(self: Arc<Self>, len: usize) -> Option<InboxHold> {
+        let permits = u32::try_from(len).ok()?;
+        self.permits.try_acquire_many(permits).ok()?.forget();
+        Some(self.hold(permits))
+    }
+
+    fn hold(self: Arc<Self>, permits: u32) -> InboxHold {
+        let held = self.held.fetch_add(u64::from(permits), Ordering::SeqCst) + u64::from(permits);
+        self.held_max.fetch_max(held, Ordering::SeqCst);
+        InboxHold {
+            budget: self,
+            permits,
+        }
+    }
+}
+
+impl Drop for InboxHold {
+    fn drop(&mut self) {
+        self.budget
+            .held
+            .fetch_sub(u64::from(self.permits), Ordering::SeqCst);
+        self.budget.permits.add_permits(self.permits as usize);
+    }
+}
+
 /// The live counters behind [`TransportStats`].
 #[derive(Default)]
 struct Counters {
@@ -1136,7 +1313,7 @@ impl Counters {
         self.bytes_received.fetch_add(len as u64, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> TransportStats {
+    fn snapshot(&self, inbox: &InboxBudget) -> TransportStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         TransportStats {
             handshakes_refused: get(&self.handshakes_refused),
@@ -1148,6 +1325,8 @@ impl Counters {
             datagrams_dropped: get(&self.datagrams_dropped),
             connections_dialed: get(&self.connections_dialed),
             connections_accepted: get(&self.connections_accepted),
+            inbox_bytes: get(&inbox.held),
+            inbox_bytes_max: get(&inbox.held_max),
         }
     }
 }

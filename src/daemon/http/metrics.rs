@@ -371,6 +371,24 @@ fn render_status(status: &Status, out: &mut Exposition) {
     for (name, help, value) in transport_metrics {
         out.single(name, "counter", help, value);
     }
+    out.single(
+        "mantissa_peer_queue_dropped_total",
+        "counter",
+        "Outgoing messages dropped because a peer's queue was full (in messages or bytes).",
+        status.peer_queue_dropped,
+    );
+    out.single(
+        "mantissa_inbox_bytes",
+        "gauge",
+        "Payload bytes of received messages not yet handled.",
+        transport.inbox_bytes,
+    );
+    out.single(
+        "mantissa_inbox_bytes_max",
+        "gauge",
+        "The most payload bytes of received messages held at once.",
+        transport.inbox_bytes_max,
+    );
     let Some(storage) = &status.storage else {
         return;
     };
