@@ -38,7 +38,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_mantissa");
 const CI_SEEDS: [u64; 2] = [0x6d61_6e74_0001, 0x6d61_6e74_0002];
 /// Nodes, and seconds of faults per seed, unless the environment says otherwise: small enough
 /// for a shared 2-core CI machine.
-const DEFAULT_NODES: usize = 3;
+const DEFAULT_NODES: usize = 5;
 const DEFAULT_SECS: u64 = 20;
 const HTTP_PORT: u16 = 7700;
 const GOSSIP_PORT: u16 = 7701;
