@@ -368,6 +368,11 @@ enum Fault {
     Partition { side: Vec<usize> },
     /// One node cut off from every other.
     Isolate(usize),
+    /// The other nodes split in two sides that cannot reach each other, while this node reaches
+    /// both: a non-transitive partition, where the bridge relays what the sides cannot exchange.
+    Bridge(usize),
+    /// Each node reaches only its two neighbours in a ring (0-1-2-…-0); with 3 nodes it is no cut.
+    Ring,
     /// Every node drops this percentage of incoming gossip packets.
     Loss(u8),
     /// SIGSTOP, then SIGCONT.
@@ -545,7 +550,7 @@ fn schedule(seed: u64, nodes: usize, total: Duration) -> Vec<Step> {
     let mut planned = Duration::ZERO;
     while planned < total {
         let node = rng.below(nodes as u64) as usize;
-        let fault = match rng.below(6) {
+        let fault = match rng.below(8) {
             0 => {
                 let mut side: Vec<usize> = (0..nodes).filter(|_| rng.below(2) == 0).collect();
                 if side.is_empty() || side.len() == nodes {
@@ -557,7 +562,9 @@ fn schedule(seed: u64, nodes: usize, total: Duration) -> Vec<Step> {
             2 => Fault::Loss(10 + rng.below(50) as u8),
             3 => Fault::Pause(node),
             4 => Fault::Kill(node),
-            _ => Fault::Restart(node),
+            5 => Fault::Restart(node),
+            6 => Fault::Bridge(node),
+            _ => Fault::Ring,
         };
         let hold = Duration::from_millis(1_000 + rng.below(3_000));
         let quiet = Duration::from_millis(500 + rng.below(1_500));
@@ -731,6 +738,30 @@ impl FaultCluster {
             Fault::Isolate(node) => {
                 let other: Vec<usize> = everyone.iter().filter(|n| *n != node).copied().collect();
                 self.cut(&[*node], &other)?;
+            }
+            Fault::Bridge(bridge) => {
+                let (a, b): (Vec<usize>, Vec<usize>) = everyone
+                    .iter()
+                    .filter(|n| *n != bridge)
+                    .partition(|&&n| n % 2 == 0);
+                self.cut(&a, &b)?;
+            }
+            Fault::Ring => {
+                let n = everyone.len();
+                for &node in &everyone {
+                    let blocked = everyone
+                        .iter()
+                        .filter(|&&other| {
+                            other != node && other != (node + 1) % n && other != (node + n - 1) % n
+                        })
+                        .map(|&other| self.nodes[other].addr)
+                        .collect();
+                    let faults = Faults {
+                        blocked,
+                        ..Faults::default()
+                    };
+                    self.net.set_faults(node, &faults)?;
+                }
             }
             Fault::Loss(percent) => {
                 for &node in &everyone {
