@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use mantissa::gossip::MemberName;
 use mantissa::runtime::{
-    ClusterCa, Handle, HandleError, NodeConfig, Scheduler, SchedulerConfig, TlsConfig, start,
+    AllocationWatch, ClusterCa, Handle, HandleError, NodeConfig, Scheduler, SchedulerConfig,
+    TlsConfig, start,
 };
-use mantissa::sched::{JobSpec, Name, NodeRecord, Resources, SchedError, Strategy, TaskGroup};
+use mantissa::sched::{
+    Allocation, JobSpec, Name, NodeRecord, Resources, SchedError, Strategy, TaskGroup,
+};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 const CPU_PER_NODE: u64 = 4_000;
@@ -99,6 +102,20 @@ async fn wait_admitted(node: &Handle, job: &Name, count: usize) -> BTreeMap<Stri
 }
 
 /// No machine's ledger admits more than its capacity, as `node` sees the ledgers.
+/// Reads `watch` until a list satisfies `done`; each change must come within [`PATIENCE`].
+async fn watch_until(watch: &mut AllocationWatch, done: impl Fn(&[Allocation]) -> bool) {
+    loop {
+        let list = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("the watch answers a change")
+            .expect("open")
+            .expect("reads");
+        if done(&list) {
+            return;
+        }
+    }
+}
+
 async fn assert_within_capacity(node: &Handle) {
     let state = node.scheduling().await.expect("reads");
     for (machine, ledger) in &state.view.ledgers {
@@ -144,17 +161,11 @@ async fn a_job_submitted_anywhere_is_admitted_once_within_capacity_and_replaced_
     let held_by_me = placements[0].values().filter(|m| **m == me).count();
     assert!(held_by_me > 0, "spread gives every machine tasks");
     // The watch answers each change; it reaches node-a's share, and only node-a's tasks.
-    loop {
-        let list = tokio::time::timeout(PATIENCE, watch.next())
-            .await
-            .expect("the watch answers a change")
-            .expect("open")
-            .expect("reads");
+    watch_until(&mut watch, |list| {
         assert!(list.iter().all(|allocation| allocation.node == me));
-        if list.len() == held_by_me {
-            break;
-        }
-    }
+        list.len() == held_by_me
+    })
+    .await;
 
     // A machine leaves: its tasks go back to pending and are placed on the others.
     let mut nodes = nodes;
@@ -188,16 +199,7 @@ async fn a_job_submitted_anywhere_is_admitted_once_within_capacity_and_replaced_
     let mine = nodes[0].0.my_allocations().await.expect("reads");
     assert!(!mine.is_empty() && mine.iter().all(|a| a.node == *nodes[0].0.name()));
     // The watch follows the re-placement too.
-    loop {
-        let list = tokio::time::timeout(PATIENCE, watch.next())
-            .await
-            .expect("the watch answers a change")
-            .expect("open")
-            .expect("reads");
-        if list == mine {
-            break;
-        }
-    }
+    watch_until(&mut watch, |list| list == mine.as_slice()).await;
     // Together: a node that shuts down after its peers waits for them in vain.
     let mut stops = tokio::task::JoinSet::new();
     for (handle, scheduler) in nodes {

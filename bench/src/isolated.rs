@@ -17,7 +17,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -191,15 +191,8 @@ impl Isolated {
             let peer = self.net.node_addr(peer);
             command.args(["--join", &format!("{peer}:{GOSSIP_PORT}")]);
         }
-        let child = command
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|err| err.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|err| format!("cannot start {}: {err}", mantissa_bin.display()))?;
-        cleanup::register_pid(child.id());
-        Ok(child)
+        command.env("NO_COLOR", "1");
+        launch(command, log, mantissa_bin)
     }
 
     fn spawn_etcd(&self, etcd_bin: &Path, member: usize) -> Result<Child, String> {
@@ -215,9 +208,8 @@ impl Isolated {
         let client_url = format!("http://{addr}:{ETCD_CLIENT_PORT}");
         let peer_url = format!("http://{addr}:{ETCD_PEER_PORT}");
         let log = self.log_file(&format!("{name}.log"))?;
-        let child = self
-            .net
-            .command(FIRST_ETCD + member, etcd_bin)
+        let mut command = self.net.command(FIRST_ETCD + member, etcd_bin);
+        command
             .args(["--name", &name])
             .arg("--data-dir")
             .arg(self.etcd_dir.path().join(&name))
@@ -228,14 +220,8 @@ impl Isolated {
             .args(["--initial-cluster", &initial_cluster])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", "mantissa-bench-isolated"])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|err| err.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|err| format!("cannot start {}: {err}", etcd_bin.display()))?;
-        cleanup::register_pid(child.id());
-        Ok(child)
+            .args(["--logger", "zap", "--log-level", "warn"]);
+        launch(command, log, etcd_bin)
     }
 
     fn log_file(&self, name: &str) -> Result<std::fs::File, String> {
@@ -461,6 +447,18 @@ impl Drop for Isolated {
         cleanup::unregister_dir(self.etcd_dir.path());
         // The fields remove the namespaces and directories after this.
     }
+}
+
+/// Starts `command` with its output in `log`, registered for cleanup on interruption.
+fn launch(mut command: Command, log: std::fs::File, program: &Path) -> Result<Child, String> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|err| err.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|err| format!("cannot start {}: {err}", program.display()))?;
+    cleanup::register_pid(child.id());
+    Ok(child)
 }
 
 fn agent_name(node: usize) -> String {

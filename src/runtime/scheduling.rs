@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::crdt::Token;
 use crate::gossip::{MemberName, Node};
 use crate::runtime::handle::Command;
-use crate::runtime::{Handle, HandleError};
+use crate::runtime::{Handle, HandleError, WatchError};
 use crate::sched::{
     Allocation, Cluster, ClusterView, JobSpec, JobStatus, Name, NodeRecord, NodeStatus, QuotaSpec,
     ReleaseCause, SchedError, ViewCache,
@@ -47,19 +47,19 @@ impl AllocationWatch {
         loop {
             if self.last.is_some() {
                 tokio::select! {
-                    event = self.changes.next() => match event {
-                        None => return None,
-                        Some(Err(err)) => {
-                            // Lagged or compacted: the list is recomputed below all the same;
-                            // only a stopped node ends the watch.
-                            debug!(%err, "allocation watch fell behind; re-reading");
-                            match self.node.watch(crate::sched::ALLOC, None).await {
-                                Ok(fresh) => self.changes = fresh,
-                                Err(HandleError::Stopped) => return None,
-                                Err(err) => return Some(Err(err)),
+                    event = self.changes.next() => {
+                        if let Err(stop) = self.absorb(event).await {
+                            return stop;
+                        }
+                        // One re-read covers every change already waiting: each read copies
+                        // the node's scheduling state.
+                        while let Ok(event) =
+                            tokio::time::timeout(Duration::ZERO, self.changes.next()).await
+                        {
+                            if let Err(stop) = self.absorb(event).await {
+                                return stop;
                             }
                         }
-                        Some(Ok(_)) => {}
                     },
                     () = tokio::time::sleep(ALLOCATION_RECHECK) => {}
                 }
@@ -72,6 +72,31 @@ impl AllocationWatch {
             if self.last.as_ref() != Some(&current) {
                 self.last = Some(current.clone());
                 return Some(Ok(current));
+            }
+        }
+    }
+
+    /// Takes in one event of the ledger watch; `Err` is what [`AllocationWatch::next`] must
+    /// answer instead of going on (the node stopped, or the watch could not be reopened).
+    async fn absorb(
+        &mut self,
+        event: Option<Result<crate::crdt::Event, WatchError>>,
+    ) -> Result<(), Option<Result<Vec<Allocation>, HandleError>>> {
+        match event {
+            None => Err(None),
+            Some(Ok(_)) => Ok(()),
+            Some(Err(err)) => {
+                // Lagged or compacted: the list is recomputed all the same; only a stopped node
+                // ends the watch.
+                debug!(%err, "allocation watch fell behind; re-reading");
+                match self.node.watch(crate::sched::ALLOC, None).await {
+                    Ok(fresh) => {
+                        self.changes = fresh;
+                        Ok(())
+                    }
+                    Err(HandleError::Stopped) => Err(None),
+                    Err(err) => Err(Some(Err(err))),
+                }
             }
         }
     }
