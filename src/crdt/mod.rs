@@ -17,6 +17,7 @@ mod replica;
 mod token;
 mod value;
 mod version;
+mod write;
 
 pub use delta::{DELTA_FORMAT, Delta, MAX_DOCUMENT_LEN, MAX_VALUE_LEN, MAX_WRITE_SPAN};
 pub use document::{DocumentError, MAX_DEPTH as MAX_DOCUMENT_DEPTH};
@@ -30,3 +31,4 @@ pub use replica::{Applied, Collected, RegisterRef, Replica, ReplicaConfig, SNAPS
 pub use token::{MAX_TOKEN_LEN, Token};
 pub use value::{Register, Sibling, Value};
 pub use version::{CausalContext, VersionVector};
+pub use write::Write;

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand::seq::IteratorRandom;
 
-use crate::crdt::{self, Applied, Delta, Dot, Replica, VersionVector};
+use crate::crdt::{self, Applied, Delta, Dot, Replica, VersionVector, Write};
 use crate::gossip::message::{MAX_DOTS_PER_MESSAGE, Message, version_hash};
 use crate::gossip::recent::RecentWrites;
 use crate::gossip::{Config, ConfigError, Member, MemberName};
@@ -351,16 +351,18 @@ impl Node {
         self.absorb_swim(runtime);
     }
 
-    /// Makes a local write with `op` and disseminates the delta it returns.
+    /// Makes a local write, timestamped `wall_millis`, and disseminates its delta.
     ///
-    /// Returns the write's dot, or `None` when `op` wrote nothing (a delete of an absent key).
-    pub fn write<E>(
+    /// Returns the write's dot, or `None` when it changed nothing (a delete of an absent key).
+    /// On an error nothing changed.
+    pub fn write(
         &mut self,
         now: Instant,
-        op: impl FnOnce(&mut Replica) -> Result<Option<Delta>, E>,
-    ) -> Result<Option<Dot>, E> {
+        wall_millis: u64,
+        write: Write,
+    ) -> Result<Option<Dot>, crdt::Error> {
         self.now = self.now.max(now);
-        let Some(delta) = op(&mut self.replica)? else {
+        let Some(delta) = write.apply_to(&mut self.replica, wall_millis)? else {
             return Ok(None);
         };
         Ok(self.disseminate(delta))

@@ -323,7 +323,9 @@ impl Simulation {
         i: usize,
         op: impl FnOnce(&mut Replica) -> Result<Option<Delta>, crdt::Error>,
     ) -> Result<Option<Dot>, crdt::Error> {
-        let dot = self.nodes[i].write(self.now, op)?;
+        let ((), dot) = self.nodes[i].write_many(self.now, |replica| {
+            Ok::<_, crdt::Error>(((), op(replica)?.into_iter().collect()))
+        })?;
         self.drain(i);
         Ok(dot)
     }

@@ -1,0 +1,555 @@
+//! The tokio task that drives a node's [`Host`]: it owns the sockets (the transport and a
+//! sending task per peer), the storage thread and the channels to every [`Handle`](super::Handle),
+//! and only moves things between them and the host. What to do with them is decided in the host.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::crdt::{Event as ChangeEvent, Key, Token, Value, Write};
+use crate::gossip::{self, MemberName, Transmit};
+use crate::runtime::api::{
+    HandleError, RoundReport, SchedulingView, StateDigest, Status, WallClock, Watch, WatchError,
+};
+use crate::runtime::host::{
+    Command, Host, Output, RequestId, RoundRequest, SchedWrite, WATCH_QUEUE, WatchId,
+};
+use crate::runtime::storage::Storage;
+use crate::runtime::{Channel, Inbox, Received, StorageError, Transport};
+
+/// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
+const PEER_QUEUE: usize = 1024;
+/// Payload bytes queued towards one peer before new messages are dropped; raised to the
+/// protocol's largest message when that is larger, so every message can be sent.
+pub(super) const PEER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// How long shutdown waits for queued messages to be handed to the transport.
+const SHUTDOWN_SEND_BOUND: Duration = Duration::from_secs(5);
+/// Requests (or peers' messages) handled before the host's outputs are taken.
+const BATCH: usize = 256;
+
+/// Where a [`Handle`](super::Handle) call's answer goes.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, HandleError>>;
+
+/// What a [`Handle`](super::Handle) asks of its node, with where the answer goes.
+pub(super) enum Request {
+    Write(Write, Reply<Option<Token>>),
+    Sched(SchedWrite, Reply<Option<Token>>),
+    Get(Key, Reply<Option<Value>>),
+    ReadKey(Key, Reply<(Option<Value>, Token)>),
+    List {
+        prefix: Vec<u8>,
+        after: Option<Key>,
+        limit: usize,
+        reply: Reply<Vec<(Key, Value)>>,
+    },
+    ListAfter {
+        prefix: Vec<u8>,
+        after: Option<Key>,
+        limit: usize,
+        reply: Reply<(Vec<(Key, Value)>, Token)>,
+    },
+    WaitFor(Token, Instant, Reply<()>),
+    Watch(Vec<u8>, Option<u64>, Reply<Watch>),
+    Status(Reply<Status>),
+    Digest(Reply<StateDigest>),
+    Round(Box<RoundRequest>, Reply<RoundReport>),
+    Scheduling(Reply<SchedulingView>),
+    Nudge(Arc<Notify>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A saved batch, or why it could not be saved; sent by the storage thread.
+pub(super) type Saved = (u64, Result<(), StorageError>);
+
+/// The task that owns the node.
+pub(super) struct Driver {
+    host: Host,
+    transport: Transport,
+    wall_clock: WallClock,
+    /// A sending task per peer address, so one slow peer never delays the others.
+    peers: HashMap<SocketAddr, PeerQueue>,
+    /// Payload bytes each peer's queue may hold.
+    peer_queue_bytes: usize,
+    /// Messages dropped at a full peer queue.
+    peer_queue_dropped: u64,
+    /// The sending tasks, awaited on shutdown so what they hold is handed to the transport.
+    senders: tokio::task::JoinSet<()>,
+    /// Durable storage, when configured: every batch the host persists goes there.
+    storage: Option<Storage>,
+    /// Where the storage thread says a batch is durable.
+    saved: mpsc::UnboundedSender<Saved>,
+    /// Writes and session waiters the host has not answered yet.
+    writes: HashMap<RequestId, Reply<Option<Token>>>,
+    waits: HashMap<RequestId, Reply<()>>,
+    next_request: RequestId,
+    /// Each watcher's queue.
+    watches: HashMap<WatchId, mpsc::Sender<Result<ChangeEvent, WatchError>>>,
+    /// Woken when scheduling keys or membership change, so scheduler loops run a round.
+    nudges: Vec<Arc<Notify>>,
+}
+
+impl Driver {
+    /// A driver, and the receiving end of its storage acknowledgements for [`Driver::run`].
+    pub(super) fn new(
+        host: Host,
+        transport: Transport,
+        wall_clock: WallClock,
+        storage: Option<Storage>,
+        peer_queue_bytes: usize,
+    ) -> (Driver, mpsc::UnboundedReceiver<Saved>) {
+        let (saved, acks) = mpsc::unbounded_channel();
+        let driver = Driver {
+            host,
+            transport,
+            wall_clock,
+            peers: HashMap::new(),
+            peer_queue_bytes,
+            peer_queue_dropped: 0,
+            senders: tokio::task::JoinSet::new(),
+            storage,
+            saved,
+            writes: HashMap::new(),
+            waits: HashMap::new(),
+            next_request: 0,
+            watches: HashMap::new(),
+            nudges: Vec::new(),
+        };
+        (driver, acks)
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut inbox: Inbox,
+        mut acks: mpsc::UnboundedReceiver<Saved>,
+    ) {
+        let shutdown = 'driving: loop {
+            self.flush();
+            let idle = Instant::now() + Duration::from_secs(3600);
+            let wake = self.host.poll_timeout().map_or(idle, Instant::from_std);
+            tokio::select! {
+                request = requests.recv() => {
+                    // Take what else is waiting too: one flush then sends their writes in one
+                    // push and hands them to storage in one batch.
+                    let mut next = request;
+                    for handled in 1.. {
+                        match next {
+                            Some(Request::Shutdown(done)) => break 'driving Some(done),
+                            Some(request) => self.on_request(request),
+                            None => break 'driving None,
+                        }
+                        if handled == BATCH {
+                            break;
+                        }
+                        match requests.try_recv() {
+                            Ok(request) => next = Some(request),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                received = inbox.recv() => {
+                    let mut next = received;
+                    for handled in 1.. {
+                        match next {
+                            Some(received) => self.on_received(received),
+                            None => break 'driving None,
+                        }
+                        if handled == BATCH {
+                            break;
+                        }
+                        next = inbox.try_recv();
+                        if next.is_none() {
+                            break;
+                        }
+                    }
+                }
+                Some((batch, result)) = acks.recv() => {
+                    self.host.handle_saved(batch, result.map_err(|err| err.to_string()));
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    self.host.handle_timeout(Instant::now().into_std());
+                }
+            }
+        };
+        self.leave(acks).await;
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        let now = Instant::now().into_std();
+        match request {
+            Request::Write(write, reply) => {
+                let id = self.request_id();
+                self.writes.insert(id, reply);
+                let wall = (self.wall_clock)();
+                self.host
+                    .handle_command(now, wall, id, Command::Write(write));
+            }
+            Request::Sched(write, reply) => {
+                let id = self.request_id();
+                self.writes.insert(id, reply);
+                let wall = (self.wall_clock)();
+                self.host
+                    .handle_command(now, wall, id, Command::Sched(write));
+            }
+            Request::Get(key, reply) => {
+                let _ = reply.send(self.host.get(&key));
+            }
+            Request::ReadKey(key, reply) => {
+                let _ = reply.send(self.host.get(&key).map(|value| (value, self.host.token())));
+            }
+            Request::List {
+                prefix,
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.host.list(&prefix, after.as_ref(), limit));
+            }
+            Request::ListAfter {
+                prefix,
+                after,
+                limit,
+                reply,
+            } => {
+                let items = self.host.list(&prefix, after.as_ref(), limit);
+                let _ = reply.send(items.map(|items| (items, self.host.token())));
+            }
+            Request::WaitFor(token, deadline, reply) => {
+                let id = self.request_id();
+                self.waits.insert(id, reply);
+                let deadline = deadline.into_std();
+                self.host
+                    .handle_command(now, 0, id, Command::WaitFor { token, deadline });
+            }
+            Request::Watch(prefix, from, reply) => {
+                let (events, receiver) = mpsc::channel(WATCH_QUEUE);
+                let watch = self.host.watch(prefix, from);
+                self.watches.insert(watch, events);
+                let _ = reply.send(Ok(Watch { events: receiver }));
+            }
+            Request::Status(reply) => {
+                let _ = reply.send(Ok(self.host.status(
+                    self.storage.as_ref().map(Storage::stats),
+                    self.transport.stats(),
+                    self.peer_queue_dropped,
+                )));
+            }
+            Request::Digest(reply) => {
+                let _ = reply.send(Ok(self.host.digest()));
+            }
+            Request::Round(request, reply) => {
+                let wall = (self.wall_clock)();
+                let _ = reply.send(self.host.round(now, wall, *request));
+            }
+            Request::Scheduling(reply) => {
+                let _ = reply.send(self.host.scheduling());
+            }
+            Request::Nudge(notify) => {
+                self.host.follow_scheduling();
+                self.nudges.push(notify);
+            }
+            Request::Shutdown(_) => {}
+        }
+    }
+
+    fn request_id(&mut self) -> RequestId {
+        self.next_request = self.next_request.wrapping_add(1);
+        self.next_request
+    }
+
+    fn on_received(&mut self, received: Received) {
+        let now = Instant::now().into_std();
+        self.host
+            .handle_received(now, &received.from, received.addr, &received.bytes);
+    }
+
+    /// Carries out everything the host asks for.
+    fn flush(&mut self) {
+        let mut delivered = false;
+        while let Some(output) = self.host.poll_output() {
+            match output {
+                Output::Transmit(transmit) => self.dispatch(transmit),
+                Output::Persist { batch, deltas } => self.persist(batch, deltas),
+                Output::Written { id, result } => {
+                    if let Some(reply) = self.writes.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Output::Covered { id, result } => {
+                    if let Some(reply) = self.waits.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Output::Event { watch, event } => {
+                    delivered = true;
+                    self.deliver(watch, event);
+                }
+                Output::Membership(event) => log_membership(&event),
+                Output::SchedulingChanged => self.nudge(),
+            }
+        }
+        if delivered {
+            // Readers that went away since: stop serving them.
+            let closed: Vec<WatchId> = self
+                .watches
+                .iter()
+                .filter(|(_, events)| events.is_closed())
+                .map(|(watch, _)| *watch)
+                .collect();
+            for watch in closed {
+                self.watches.remove(&watch);
+                self.host.cancel_watch(watch);
+            }
+        }
+    }
+
+    /// Hands a batch to storage; the storage thread says when it is durable. Replaces the log
+    /// with a snapshot when it has grown large (the replica now holds exactly what was handed
+    /// out: the host persists last among its outputs).
+    fn persist(&mut self, batch: u64, deltas: Vec<crate::crdt::Delta>) {
+        let Some(storage) = &self.storage else {
+            // A host made durable without storage is a bug of this file; answer rather than
+            // leave writers waiting.
+            self.host.handle_saved(batch, Ok(()));
+            return;
+        };
+        let saved = self.saved.clone();
+        let ack = Box::new(move |result: Result<(), StorageError>| {
+            let _ = saved.send((batch, result));
+        });
+        storage.append(deltas, vec![ack]);
+        if storage.wants_checkpoint() {
+            storage.checkpoint(self.host.snapshot());
+        }
+    }
+
+    /// Queues one change for a watcher; a watcher that cannot keep up is cut off rather than
+    /// allowed to block the node, and resumes from its last cursor.
+    fn deliver(&mut self, watch: WatchId, event: Result<ChangeEvent, WatchError>) {
+        let Some(events) = self.watches.get(&watch) else {
+            return;
+        };
+        let last = event.is_err();
+        match events.try_send(event) {
+            Ok(()) if !last => return,
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let _ = events.send(Err(WatchError::Lagged(WATCH_QUEUE))).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+        self.watches.remove(&watch);
+        self.host.cancel_watch(watch);
+    }
+
+    fn dispatch(&mut self, transmit: Transmit) {
+        let addr = transmit.to.addr;
+        let queue = self.peers.entry(addr).or_insert_with(|| {
+            let (queue, receiver) = PeerQueue::new(PEER_QUEUE, self.peer_queue_bytes);
+            self.senders.spawn(send_loop(
+                self.transport.clone(),
+                receiver,
+                queue.queued.clone(),
+            ));
+            queue
+        });
+        if !queue.offer(transmit) {
+            self.peer_queue_dropped += 1;
+            debug!(%addr, "peer queue full; message dropped (anti-entropy will repair)");
+        }
+    }
+
+    /// Wakes the scheduler loops; forgets those that ended.
+    fn nudge(&mut self) {
+        self.nudges.retain(|notify| Arc::strong_count(notify) > 1);
+        for notify in &self.nudges {
+            notify.notify_one();
+        }
+    }
+
+    async fn leave(mut self, mut acks: mpsc::UnboundedReceiver<Saved>) {
+        self.host.leave(Instant::now().into_std());
+        self.flush();
+        // Closing the queues lets each sending task finish what it holds; then the transport
+        // drains its connections. A peer that never answers delays shutdown by at most a bound.
+        self.peers.clear();
+        let senders = async { while self.senders.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_SEND_BOUND, senders)
+            .await
+            .is_err()
+        {
+            warn!("messages to unreachable peers were abandoned at shutdown");
+        }
+        // What the host still holds, then a snapshot so the next start replays nothing.
+        self.flush();
+        if let Some(storage) = &self.storage {
+            storage.checkpoint(self.host.snapshot());
+        }
+        self.transport.shutdown().await;
+        if let Some(storage) = self.storage.take()
+            && tokio::task::spawn_blocking(move || storage.close())
+                .await
+                .is_err()
+        {
+            warn!("storage did not close cleanly");
+        }
+        // Storage is closed: every batch handed to it has been answered. Answer the writes
+        // that waited on them.
+        while let Ok((batch, result)) = acks.try_recv() {
+            self.host
+                .handle_saved(batch, result.map_err(|err| err.to_string()));
+        }
+        while let Some(output) = self.host.poll_output() {
+            match output {
+                Output::Written { id, result } => {
+                    if let Some(reply) = self.writes.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Output::Covered { id, result } => {
+                    if let Some(reply) = self.waits.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                _ => {}
+            }
+        }
+        info!("node stopped");
+    }
+}
+
+fn log_membership(event: &gossip::Event) {
+    match event {
+        gossip::Event::MemberUp(member) => {
+            info!(member = %member.name, addr = %member.addr, "member up")
+        }
+        gossip::Event::MemberDown(member) => warn!(member = %member.name, "member down"),
+        gossip::Event::Rejoined(me) => warn!(
+            generation = me.generation,
+            "declared down by peers; rejoined"
+        ),
+        _ => {}
+    }
+}
+
+/// The queue towards one peer's sending task, bounded in messages and in payload bytes.
+struct PeerQueue {
+    sender: mpsc::Sender<Transmit>,
+    /// Payload bytes queued and not yet handed to the transport; the sending task gives them
+    /// back once it has written each message.
+    queued: Arc<AtomicUsize>,
+    /// The most `queued` may reach.
+    budget: usize,
+}
+
+impl PeerQueue {
+    fn new(messages: usize, budget: usize) -> (PeerQueue, mpsc::Receiver<Transmit>) {
+        let (sender, receiver) = mpsc::channel(messages);
+        let queue = PeerQueue {
+            sender,
+            queued: Arc::new(AtomicUsize::new(0)),
+            budget,
+        };
+        (queue, receiver)
+    }
+
+    /// Queues `transmit` unless that would exceed the queue's messages or bytes; `false` when
+    /// the message was dropped.
+    fn offer(&self, transmit: Transmit) -> bool {
+        let len = transmit.payload.len();
+        let fits = |queued: usize| {
+            queued
+                .checked_add(len)
+                .filter(|total| *total <= self.budget)
+        };
+        if self
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fits)
+            .is_err()
+        {
+            return false;
+        }
+        if self.sender.try_send(transmit).is_err() {
+            self.queued.fetch_sub(len, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+}
+
+async fn send_loop(
+    transport: Transport,
+    mut queue: mpsc::Receiver<Transmit>,
+    queued: Arc<AtomicUsize>,
+) {
+    while let Some(transmit) = queue.recv().await {
+        let len = transmit.payload.len();
+        let channel = match transmit.channel {
+            gossip::Channel::Datagram => Channel::Datagram,
+            _ => Channel::Stream,
+        };
+        let expect = transmit.to.name.as_ref().map(MemberName::as_str);
+        if let Err(err) = transport
+            .send(transmit.to.addr, expect, channel, transmit.payload)
+            .await
+        {
+            debug!(addr = %transmit.to.addr, error = %err, "send failed");
+        }
+        queued.fetch_sub(len, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transmit(len: usize) -> Transmit {
+        Transmit {
+            to: gossip::Destination {
+                name: None,
+                addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            },
+            channel: gossip::Channel::Stream,
+            payload: vec![0; len],
+        }
+    }
+
+    #[test]
+    fn peer_queue_drops_what_exceeds_its_byte_budget() {
+        // A peer that never reads: the receiver is kept but never drained.
+        let (queue, mut receiver) = PeerQueue::new(PEER_QUEUE, 1000);
+        assert!(queue.offer(transmit(600)));
+        assert!(!queue.offer(transmit(600)), "over the byte budget");
+        assert!(queue.offer(transmit(400)), "exactly fills the budget");
+        assert!(!queue.offer(transmit(1)), "nothing more fits");
+        assert_eq!(queue.queued.load(Ordering::SeqCst), 1000);
+
+        // What the sending task does once it has written a message: give its bytes back.
+        let sent = receiver.try_recv().expect("queued message");
+        queue.queued.fetch_sub(sent.payload.len(), Ordering::SeqCst);
+        assert!(queue.offer(transmit(600)));
+        assert_eq!(receiver.len(), 2);
+    }
+
+    #[test]
+    fn peer_queue_still_bounds_messages() {
+        let (queue, _receiver) = PeerQueue::new(2, 1000);
+        assert!(queue.offer(transmit(1)));
+        assert!(queue.offer(transmit(1)));
+        assert!(!queue.offer(transmit(1)), "over the message bound");
+        // A message refused for the count gives its bytes back.
+        assert_eq!(queue.queued.load(Ordering::SeqCst), 2);
+    }
+}
