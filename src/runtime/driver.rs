@@ -20,7 +20,7 @@ use crate::runtime::api::{
 use crate::runtime::host::{
     Command, Host, Output, RequestId, RoundRequest, SchedWrite, WATCH_QUEUE, WatchId,
 };
-use crate::runtime::storage::Storage;
+use crate::runtime::storage::Store;
 use crate::runtime::{Channel, Inbox, Received, StorageError, Transport};
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
@@ -81,7 +81,7 @@ pub(super) struct Driver {
     /// The sending tasks, awaited on shutdown so what they hold is handed to the transport.
     senders: tokio::task::JoinSet<()>,
     /// Durable storage, when configured: every batch the host persists goes there.
-    storage: Option<Storage>,
+    storage: Option<Box<dyn Store>>,
     /// Where the storage thread says a batch is durable.
     saved: mpsc::UnboundedSender<Saved>,
     /// Writes and session waiters the host has not answered yet.
@@ -100,7 +100,7 @@ impl Driver {
         host: Host,
         transport: Transport,
         wall_clock: WallClock,
-        storage: Option<Storage>,
+        storage: Option<Box<dyn Store>>,
         peer_queue_bytes: usize,
     ) -> (Driver, mpsc::UnboundedReceiver<Saved>) {
         let (saved, acks) = mpsc::unbounded_channel();
@@ -238,7 +238,7 @@ impl Driver {
             }
             Request::Status(reply) => {
                 let _ = reply.send(Ok(self.host.status(
-                    self.storage.as_ref().map(Storage::stats),
+                    self.storage.as_ref().map(|storage| storage.stats()),
                     self.transport.stats(),
                     self.peer_queue_dropped,
                 )));
@@ -326,7 +326,7 @@ impl Driver {
         let ack = Box::new(move |result: Result<(), StorageError>| {
             let _ = saved.send((batch, result));
         });
-        storage.append(deltas, vec![ack]);
+        storage.append(deltas, ack);
         if storage.wants_checkpoint() {
             storage.checkpoint(self.host.snapshot());
         }

@@ -17,7 +17,7 @@ use crate::runtime::api::{
 };
 use crate::runtime::driver::{Driver, PEER_QUEUE_BYTES, Reply, Request};
 use crate::runtime::host::{Host, RoundRequest, SchedWrite};
-use crate::runtime::storage::Storage;
+use crate::runtime::storage::{Storage, Store};
 use crate::runtime::{Inbox, StorageError, Transport};
 use crate::sched::{Allocation, JobSpec, Name, NodeRecord, QuotaSpec};
 
@@ -56,7 +56,7 @@ pub async fn start(config: NodeConfig) -> Result<Handle, StartError> {
                     .map_err(|err| {
                         StorageError::Stopped(format!("opening storage panicked: {err}"))
                     })??;
-            (replica, Some(storage))
+            (replica, Some(Box::new(storage) as Box<dyn Store>))
         }
         None => (Replica::with_config(node, config.replica.clone()), None),
     };
@@ -101,7 +101,7 @@ fn launch(
     transport: Transport,
     inbox: Inbox,
     replica: Replica,
-    storage: Option<Storage>,
+    storage: Option<Box<dyn Store>>,
 ) -> Result<Handle, StartError> {
     let name = MemberName::new(transport.node_name())?;
     config.gossip.validate()?;
@@ -422,4 +422,86 @@ fn new_incarnation(clock: &WallClock) -> NodeId {
         hasher.finish() & 0xf_ffff
     };
     NodeId((millis << 20) | noise)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::storage::memory::MemoryStore;
+    use crate::runtime::{ClusterCa, TlsConfig, TransportConfig};
+
+    async fn node_with(store: &MemoryStore) -> Handle {
+        let ca = ClusterCa::generate("test").expect("a CA");
+        let credentials = ca
+            .issue("node-a", Duration::from_secs(3600))
+            .expect("credentials");
+        let tls = TlsConfig::new(ca.cert_pem(), &credentials).expect("TLS config");
+        let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (transport, inbox) = Transport::bind(bind, tls.clone(), TransportConfig::default())
+            .await
+            .expect("bind");
+        let config = NodeConfig::new(bind, tls, vec![]);
+        let replica = Replica::new(NodeId(7));
+        launch(
+            config,
+            transport,
+            inbox,
+            replica,
+            Some(Box::new(store.clone())),
+        )
+        .expect("launch")
+    }
+
+    #[tokio::test]
+    async fn a_write_is_answered_only_once_its_store_has_made_it_durable() {
+        let store = MemoryStore::default();
+        store.hold();
+        let node = node_with(&store).await;
+        let put = tokio::spawn({
+            let node = node.clone();
+            async move { node.put("config/mode", "blue").await }
+        });
+        // Applied (a read sees it) but not answered while the store holds the batch.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.get("config/mode").await.expect("get").is_none() {
+            assert!(Instant::now() < deadline, "the write was never applied");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !put.is_finished(),
+            "answered before the store made it durable"
+        );
+        assert_eq!(store.held(), 1);
+        store.release(Ok(()));
+        let token = put.await.expect("task").expect("put");
+        assert!(node.wait_for(&token, Duration::ZERO).await.is_ok());
+        assert_eq!(store.deltas(), 1);
+        node.shutdown().await.expect("shutdown");
+        assert_eq!(store.checkpointed_and_closed(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn a_write_the_store_fails_is_answered_with_the_storage_error() {
+        let store = MemoryStore::default();
+        store.hold();
+        let node = node_with(&store).await;
+        let put = tokio::spawn({
+            let node = node.clone();
+            async move { node.put("config/mode", "blue").await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.held() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the write never reached the store"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        store.release(Err("disk full".into()));
+        match put.await.expect("task") {
+            Err(HandleError::Storage(reason)) => assert!(reason.contains("disk full"), "{reason}"),
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+    }
 }

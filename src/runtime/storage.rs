@@ -111,6 +111,23 @@ pub enum StorageError {
 /// Called once the write it belongs to is durable, or with why it could not be made durable.
 pub(crate) type Ack = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
+/// Where a node's changes go to become durable: the node's driver hands it each batch its host
+/// persists, in order, and tells the host when the store acknowledges it. [`Storage`] keeps them
+/// in the data file; tests use an in-memory store ([`memory::MemoryStore`]).
+pub(crate) trait Store: Send {
+    /// Queues deltas; `ack` runs once they (and everything queued before) are durable.
+    fn append(&self, deltas: Vec<Delta>, ack: Ack);
+    /// Whether the log has grown enough that a snapshot should replace it.
+    fn wants_checkpoint(&self) -> bool;
+    /// Queues a snapshot of the replica as it is after everything queued so far; it replaces
+    /// the log.
+    fn checkpoint(&self, snapshot: Vec<u8>);
+    /// The store's counters.
+    fn stats(&self) -> StorageStats;
+    /// Waits for everything queued to be durable (running its acks) and closes. Blocking.
+    fn close(self: Box<Self>);
+}
+
 enum Job {
     Append(Vec<Delta>, Vec<Ack>),
     Checkpoint(Vec<u8>),
@@ -228,6 +245,28 @@ impl Storage {
                 StorageError::Stopped("the storage thread has exited".into()),
             );
         }
+    }
+}
+
+impl Store for Storage {
+    fn append(&self, deltas: Vec<Delta>, ack: Ack) {
+        Storage::append(self, deltas, vec![ack]);
+    }
+
+    fn wants_checkpoint(&self) -> bool {
+        Storage::wants_checkpoint(self)
+    }
+
+    fn checkpoint(&self, snapshot: Vec<u8>) {
+        Storage::checkpoint(self, snapshot);
+    }
+
+    fn stats(&self) -> StorageStats {
+        Storage::stats(self)
+    }
+
+    fn close(self: Box<Self>) {
+        Storage::close(*self);
     }
 }
 
@@ -507,6 +546,101 @@ fn move_aside(path: &Path) -> Result<PathBuf, StorageError> {
         reason: format!("cannot move the corrupted file aside: {err}"),
     })?;
     Ok(aside)
+}
+
+/// An in-memory [`Store`] for tests: keeps what it is given, and acknowledges at once or, while
+/// held, only when released.
+#[cfg(test)]
+pub(crate) mod memory {
+    use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+    use super::{Ack, StorageError, StorageStats, Store};
+    use crate::crdt::Delta;
+
+    #[derive(Default)]
+    struct State {
+        deltas: Vec<Delta>,
+        snapshot: Option<Vec<u8>>,
+        /// `Some` while acknowledgements are held back.
+        held: Option<Vec<(Vec<Delta>, Ack)>>,
+        closed: bool,
+    }
+
+    /// Cheap to clone; clones share the same contents.
+    #[derive(Clone, Default)]
+    pub(crate) struct MemoryStore {
+        state: Arc<Mutex<State>>,
+    }
+
+    impl MemoryStore {
+        fn state(&self) -> MutexGuard<'_, State> {
+            self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        /// From now on, keep batches and their acknowledgements back until [`Self::release`].
+        pub(crate) fn hold(&self) {
+            self.state().held.get_or_insert_with(Vec::new);
+        }
+
+        /// Batches handed over and not yet released.
+        pub(crate) fn held(&self) -> usize {
+            self.state().held.as_ref().map_or(0, Vec::len)
+        }
+
+        /// Makes the held batches durable (`Ok`) or fails them, and stops holding.
+        pub(crate) fn release(&self, result: Result<(), String>) {
+            let held = self.state().held.take().unwrap_or_default();
+            for (deltas, ack) in held {
+                if result.is_ok() {
+                    self.state().deltas.extend(deltas);
+                }
+                ack(result.clone().map_err(StorageError::Stopped));
+            }
+        }
+
+        /// The deltas made durable, in order.
+        pub(crate) fn deltas(&self) -> usize {
+            self.state().deltas.len()
+        }
+
+        /// Whether a snapshot was taken, and the store closed.
+        pub(crate) fn checkpointed_and_closed(&self) -> (bool, bool) {
+            let state = self.state();
+            (state.snapshot.is_some(), state.closed)
+        }
+    }
+
+    impl Store for MemoryStore {
+        fn append(&self, deltas: Vec<Delta>, ack: Ack) {
+            let mut state = self.state();
+            if let Some(held) = &mut state.held {
+                held.push((deltas, ack));
+                return;
+            }
+            state.deltas.extend(deltas);
+            drop(state);
+            ack(Ok(()));
+        }
+
+        fn wants_checkpoint(&self) -> bool {
+            false
+        }
+
+        fn checkpoint(&self, snapshot: Vec<u8>) {
+            let mut state = self.state();
+            state.snapshot = Some(snapshot);
+            state.deltas.clear();
+        }
+
+        fn stats(&self) -> StorageStats {
+            StorageStats::default()
+        }
+
+        fn close(self: Box<Self>) {
+            self.release(Ok(()));
+            self.state().closed = true;
+        }
+    }
 }
 
 #[cfg(test)]
