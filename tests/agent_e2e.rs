@@ -225,6 +225,27 @@ fn a_restarted_node_serves_its_data_from_disk_with_every_peer_down() {
 }
 
 #[test]
+fn sigterm_exits_within_the_shutdown_bound_right_after_a_peer_was_killed() {
+    let mut cluster = Cluster::start(BINARY, "shutdown-bound", 3);
+    for i in 0..20 {
+        cluster.put(0, &format!("k/{i}"), "v");
+    }
+    cluster.kill_9(2);
+    // At once: the killed peer is still counted live, so its connection is still open and its
+    // receipts are what a shutdown would wait for.
+    let started = Instant::now();
+    let status = cluster.sigterm(0);
+    let took = started.elapsed();
+    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    // The bound is 2 s; the slack is for a loaded machine.
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM took {took:?} with a killed peer:\n{}",
+        cluster.log_tail(0)
+    );
+}
+
+#[test]
 fn kill_9_during_a_write_load_loses_no_acknowledged_write() {
     let mut cluster = Cluster::new(BINARY, "kill9");
     let node = cluster.add_node(NodeSpec::default());

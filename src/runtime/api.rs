@@ -44,6 +44,10 @@ pub struct NodeConfig {
     pub wall_clock: WallClock,
     /// Durable storage; `None` keeps the replica in memory only.
     pub storage: Option<StorageConfig>,
+    /// How long [`Handle::shutdown`](super::Handle::shutdown) may take in all: leaving,
+    /// handing what is queued to live peers and waiting for their receipt, the last checkpoint.
+    /// Peers known to be down are never waited on. Default 2 s.
+    pub shutdown_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -60,6 +64,7 @@ impl NodeConfig {
             rng_seed: None,
             wall_clock: Arc::new(system_millis),
             storage: None,
+            shutdown_timeout: Duration::from_secs(2),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! sending task per peer), the storage thread and the channels to every [`Handle`](super::Handle),
 //! and only moves things between them and the host. What to do with them is decided in the host.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,8 +28,6 @@ const PEER_QUEUE: usize = 1024;
 /// Payload bytes queued towards one peer before new messages are dropped; raised to the
 /// protocol's largest message when that is larger, so every message can be sent.
 pub(super) const PEER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
-/// How long shutdown waits for queued messages to be handed to the transport.
-const SHUTDOWN_SEND_BOUND: Duration = Duration::from_secs(5);
 /// Requests (or peers' messages) handled before the host's outputs are taken.
 const BATCH: usize = 256;
 
@@ -76,6 +74,8 @@ pub(super) struct Driver {
     peers: HashMap<SocketAddr, PeerQueue>,
     /// Payload bytes each peer's queue may hold.
     peer_queue_bytes: usize,
+    /// How long shutdown may take in all.
+    shutdown_timeout: Duration,
     /// Messages dropped at a full peer queue.
     peer_queue_dropped: u64,
     /// The sending tasks, awaited on shutdown so what they hold is handed to the transport.
@@ -102,6 +102,7 @@ impl Driver {
         wall_clock: WallClock,
         storage: Option<Box<dyn Store>>,
         peer_queue_bytes: usize,
+        shutdown_timeout: Duration,
     ) -> (Driver, mpsc::UnboundedReceiver<Saved>) {
         let (saved, acks) = mpsc::unbounded_channel();
         let driver = Driver {
@@ -110,6 +111,7 @@ impl Driver {
             wall_clock,
             peers: HashMap::new(),
             peer_queue_bytes,
+            shutdown_timeout,
             peer_queue_dropped: 0,
             senders: tokio::task::JoinSet::new(),
             storage,
@@ -357,12 +359,12 @@ impl Driver {
     fn dispatch(&mut self, transmit: Transmit) {
         let addr = transmit.to.addr;
         let queue = self.peers.entry(addr).or_insert_with(|| {
-            let (queue, receiver) = PeerQueue::new(PEER_QUEUE, self.peer_queue_bytes);
-            self.senders.spawn(send_loop(
+            let (mut queue, receiver) = PeerQueue::new(PEER_QUEUE, self.peer_queue_bytes);
+            queue.sender_task = Some(self.senders.spawn(send_loop(
                 self.transport.clone(),
                 receiver,
                 queue.queued.clone(),
-            ));
+            )));
             queue
         });
         if !queue.offer(transmit) {
@@ -380,24 +382,40 @@ impl Driver {
     }
 
     async fn leave(mut self, mut acks: mpsc::UnboundedReceiver<Saved>) {
-        self.host.leave(Instant::now().into_std());
+        let started = Instant::now();
+        let deadline = started + self.shutdown_timeout;
+        self.host.leave(started.into_std());
         self.flush();
-        // Closing the queues lets each sending task finish what it holds; then the transport
-        // drains its connections. A peer that never answers delays shutdown by at most a bound.
-        self.peers.clear();
+        // What is queued for a peer known to be down would only be waited on: drop it. Closing
+        // the other queues lets each sending task finish what it holds; a peer that never
+        // answers delays shutdown at most until the deadline.
+        let live: HashSet<SocketAddr> = self.host.live_peers().map(|member| member.addr).collect();
+        for (addr, queue) in self.peers.drain() {
+            if !live.contains(&addr)
+                && let Some(task) = queue.sender_task
+            {
+                task.abort();
+            }
+        }
         let senders = async { while self.senders.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_SEND_BOUND, senders)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, senders).await.is_err() {
             warn!("messages to unreachable peers were abandoned at shutdown");
+            self.senders.abort_all();
         }
         // What the host still holds, then a snapshot so the next start replays nothing.
         self.flush();
         if let Some(storage) = &self.storage {
             storage.checkpoint(self.host.snapshot());
         }
-        self.transport.shutdown().await;
+        let live: HashSet<String> = self
+            .host
+            .live_peers()
+            .map(|member| member.name.as_str().to_owned())
+            .collect();
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.transport
+            .shutdown_within(left, |peer| live.contains(peer))
+            .await;
         if let Some(storage) = self.storage.take()
             && tokio::task::spawn_blocking(move || storage.close())
                 .await
@@ -426,7 +444,7 @@ impl Driver {
                 _ => {}
             }
         }
-        info!("node stopped");
+        info!(took = ?started.elapsed(), "node stopped");
     }
 }
 
@@ -452,6 +470,8 @@ struct PeerQueue {
     queued: Arc<AtomicUsize>,
     /// The most `queued` may reach.
     budget: usize,
+    /// The sending task, to abandon what it holds for a peer known to be down.
+    sender_task: Option<tokio::task::AbortHandle>,
 }
 
 impl PeerQueue {
@@ -461,6 +481,7 @@ impl PeerQueue {
             sender,
             queued: Arc::new(AtomicUsize::new(0)),
             budget,
+            sender_task: None,
         };
         (queue, receiver)
     }

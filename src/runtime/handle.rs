@@ -126,6 +126,7 @@ fn launch(
         config.wall_clock.clone(),
         storage,
         PEER_QUEUE_BYTES.max(config.gossip.max_message_bytes),
+        config.shutdown_timeout,
     );
     let (requests, receiver) = mpsc::channel(1024);
     tokio::spawn(driver.run(receiver, inbox, acks));

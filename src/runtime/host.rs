@@ -477,6 +477,11 @@ impl Host {
         Ok(self.node.replica().range_after(prefix, after, limit)?)
     }
 
+    /// The peers membership counts alive now.
+    pub(crate) fn live_peers(&self) -> impl Iterator<Item = &gossip::Member> {
+        self.node.members()
+    }
+
     /// A token covering everything this node has applied.
     pub(crate) fn token(&self) -> Token {
         Token::from_version(self.node.replica().version().clone())
