@@ -30,6 +30,8 @@ const PEER_QUEUE: usize = 1024;
 pub(super) const PEER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// Requests (or peers' messages) handled before the host's outputs are taken.
 const BATCH: usize = 256;
+/// How often a paused watcher's queue is looked at for room.
+const RESUME_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Where a [`Handle`](super::Handle) call's answer goes.
 pub(super) type Reply<T> = oneshot::Sender<Result<T, HandleError>>;
@@ -90,6 +92,9 @@ pub(super) struct Driver {
     next_request: RequestId,
     /// Each watcher's queue.
     watches: HashMap<WatchId, mpsc::Sender<Result<ChangeEvent, WatchError>>>,
+    /// Watchers whose queue was full (or that replay a backlog): the host replays what they
+    /// missed from the change feed as their readers make room.
+    paused: HashSet<WatchId>,
     /// Woken when scheduling keys or membership change, so scheduler loops run a round.
     nudges: Vec<Arc<Notify>>,
 }
@@ -120,6 +125,7 @@ impl Driver {
             waits: HashMap::new(),
             next_request: 0,
             watches: HashMap::new(),
+            paused: HashSet::new(),
             nudges: Vec::new(),
         };
         (driver, acks)
@@ -132,9 +138,19 @@ impl Driver {
         mut acks: mpsc::UnboundedReceiver<Saved>,
     ) {
         let shutdown = 'driving: loop {
+            self.resume_watches();
             self.flush();
-            let idle = Instant::now() + Duration::from_secs(3600);
-            let wake = self.host.poll_timeout().map_or(idle, Instant::from_std);
+            // A paused watcher's reader may make room at any moment; look again soon.
+            let idle = Instant::now()
+                + if self.paused.is_empty() {
+                    Duration::from_secs(3600)
+                } else {
+                    RESUME_INTERVAL
+                };
+            let wake = self
+                .host
+                .poll_timeout()
+                .map_or(idle, |at| idle.min(Instant::from_std(at)));
             tokio::select! {
                 request = requests.recv() => {
                     // Take what else is waiting too: one flush then sends their writes in one
@@ -236,6 +252,10 @@ impl Driver {
                 let (events, receiver) = mpsc::channel(WATCH_QUEUE);
                 let watch = self.host.watch(prefix, from);
                 self.watches.insert(watch, events);
+                if from.is_some() {
+                    // Its backlog is replayed as the reader takes it.
+                    self.paused.insert(watch);
+                }
                 let _ = reply.send(Ok(Watch { events: receiver }));
             }
             Request::Status(reply) => {
@@ -277,6 +297,8 @@ impl Driver {
     /// Carries out everything the host asks for.
     fn flush(&mut self) {
         let mut delivered = false;
+        // Watchers paused during this flush: what is still queued for them is replayed later.
+        let mut just_paused = HashSet::new();
         while let Some(output) = self.host.poll_output() {
             match output {
                 Output::Transmit(transmit) => self.dispatch(transmit),
@@ -293,7 +315,9 @@ impl Driver {
                 }
                 Output::Event { watch, event } => {
                     delivered = true;
-                    self.deliver(watch, event);
+                    if !just_paused.contains(&watch) && self.deliver(watch, event) {
+                        just_paused.insert(watch);
+                    }
                 }
                 Output::Membership(event) => log_membership(&event),
                 Output::SchedulingChanged => self.nudge(),
@@ -334,26 +358,62 @@ impl Driver {
         }
     }
 
-    /// Queues one change for a watcher; a watcher that cannot keep up is cut off rather than
-    /// allowed to block the node, and resumes from its last cursor.
-    fn deliver(&mut self, watch: WatchId, event: Result<ChangeEvent, WatchError>) {
+    /// Queues one change for a watcher. A watcher whose queue is full is paused rather than
+    /// allowed to block the node or lose changes: `true` when this paused it.
+    fn deliver(&mut self, watch: WatchId, event: Result<ChangeEvent, WatchError>) -> bool {
         let Some(events) = self.watches.get(&watch) else {
-            return;
+            return false;
         };
-        let last = event.is_err();
+        let cursor = event.as_ref().ok().map(|event| event.cursor);
         match events.try_send(event) {
-            Ok(()) if !last => return,
+            Ok(()) if cursor.is_some() => return false,
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(mpsc::error::TrySendError::Full(_)) if let Some(cursor) = cursor => {
+                self.host.pause_watch(watch, cursor - 1);
+                self.paused.insert(watch);
+                return true;
+            }
+            Err(mpsc::error::TrySendError::Full(last)) => {
+                // The error that ends the watch still reaches the reader, after the rest.
                 let events = events.clone();
                 tokio::spawn(async move {
-                    let _ = events.send(Err(WatchError::Lagged(WATCH_QUEUE))).await;
+                    let _ = events.send(last).await;
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
         self.watches.remove(&watch);
+        self.paused.remove(&watch);
         self.host.cancel_watch(watch);
+        false
+    }
+
+    /// Lets the host replay to paused watchers what fits in their queues now.
+    fn resume_watches(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
+        let paused: Vec<WatchId> = self.paused.iter().copied().collect();
+        for watch in paused {
+            let Some(events) = self.watches.get(&watch) else {
+                self.paused.remove(&watch);
+                continue;
+            };
+            if events.is_closed() {
+                self.watches.remove(&watch);
+                self.paused.remove(&watch);
+                self.host.cancel_watch(watch);
+                continue;
+            }
+            let room = events.capacity();
+            // Wait for a useful amount of room, unless the queue is empty.
+            if room < WATCH_QUEUE / 4 && room < events.max_capacity() {
+                continue;
+            }
+            if self.host.resume_watch(watch, room) {
+                self.paused.remove(&watch);
+            }
+        }
     }
 
     fn dispatch(&mut self, transmit: Transmit) {

@@ -428,6 +428,7 @@ fn new_incarnation(clock: &WallClock) -> NodeId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::host::WATCH_QUEUE;
     use crate::runtime::storage::memory::MemoryStore;
     use crate::runtime::{ClusterCa, TlsConfig, TransportConfig};
 
@@ -480,6 +481,30 @@ mod tests {
         assert_eq!(store.deltas(), 1);
         node.shutdown().await.expect("shutdown");
         assert_eq!(store.checkpointed_and_closed(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn a_watch_replays_more_than_its_queue_holds_to_a_reader_that_keeps_up() {
+        let store = MemoryStore::default();
+        let node = node_with(&store).await;
+        let first = node.status().await.expect("status").cursor;
+        let writes = WATCH_QUEUE + 2_000;
+        for i in 0..writes {
+            node.put(format!("w/{i:05}"), "v").await.expect("put");
+        }
+        let mut watch = node.watch("w/", Some(first)).await.expect("watch");
+        for i in 0..writes {
+            let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
+                .await
+                .expect("the replay stalled")
+                .expect("the node stopped")
+                .unwrap_or_else(|err| panic!("after {i} events: {err}"));
+            assert_eq!(event.key.as_bytes(), format!("w/{i:05}").as_bytes());
+        }
+        // Then live.
+        node.put("w/live", "v").await.expect("put");
+        let event = watch.next().await.expect("open").expect("event");
+        assert_eq!(event.key.as_bytes(), b"w/live");
     }
 
     #[tokio::test]

@@ -104,6 +104,15 @@ pub(crate) struct RoundRequest {
     pub(crate) register: Option<NodeRecord>,
 }
 
+/// A watcher: the keys it follows, and where it stands when it is not served live.
+struct Watcher {
+    prefix: Vec<u8>,
+    /// `Some(cursor)` while paused: its reader's queue was full (or it starts from a past
+    /// cursor), and the changes after `cursor` are replayed from the change feed as its reader
+    /// makes room ([`Host::resume_watch`]). `None`: served live.
+    paused_at: Option<u64>,
+}
+
 /// A session waiter: answered once the replica covers its token.
 struct Waiter {
     id: RequestId,
@@ -118,8 +127,7 @@ pub(crate) struct Host {
     /// answered only once their batch is saved.
     durable: bool,
     outputs: VecDeque<Output>,
-    /// Each watcher's key prefix.
-    watchers: BTreeMap<WatchId, Vec<u8>>,
+    watchers: BTreeMap<WatchId, Watcher>,
     next_watch: u64,
     waiters: Vec<Waiter>,
     /// Local writes applied but not yet in a batch handed out for saving.
@@ -263,38 +271,82 @@ impl Host {
         }
     }
 
-    /// Starts a watcher of the keys under `prefix`: the changes after cursor `from` first (when
-    /// given), then every new one, as [`Output::Event`]s.
+    /// Starts a watcher of the keys under `prefix`, served as [`Output::Event`]s. With `from`,
+    /// it starts paused at that cursor: the driver replays the changes after it with
+    /// [`Host::resume_watch`] as the reader makes room, then it is served live. A cursor older
+    /// than the change feed holds ends it at once with [`WatchError::Compacted`].
     pub(crate) fn watch(&mut self, prefix: Vec<u8>, from: Option<u64>) -> WatchId {
         let watch = WatchId(self.next_watch);
         self.next_watch += 1;
-        if let Some(from) = from {
-            match self.node.replica().events_since(from) {
-                Ok(backlog) => {
-                    for event in backlog.filter(|event| {
-                        event.cursor <= self.cursor && event.key.as_bytes().starts_with(&prefix)
-                    }) {
-                        self.outputs.push_back(Output::Event {
-                            watch,
-                            event: Ok(event.clone()),
-                        });
-                    }
-                }
-                Err(crate::crdt::Error::Compacted { requested, oldest }) => {
-                    self.outputs.push_back(Output::Event {
-                        watch,
-                        event: Err(WatchError::Compacted { requested, oldest }),
-                    });
-                    return watch;
-                }
-                Err(_) => {}
-            }
+        if let Some(from) = from
+            && let Err(crate::crdt::Error::Compacted { requested, oldest }) =
+                self.node.replica().events_since(from).map(|_| ())
+        {
+            self.outputs.push_back(Output::Event {
+                watch,
+                event: Err(WatchError::Compacted { requested, oldest }),
+            });
+            return watch;
         }
-        self.watchers.insert(watch, prefix);
+        let paused_at = from.filter(|from| *from < self.cursor);
+        self.watchers.insert(watch, Watcher { prefix, paused_at });
         watch
     }
 
-    /// Ends a watcher (its reader went away or fell behind).
+    /// Stops serving a watcher live because its reader's queue is full: the changes after
+    /// `cursor` (the last one it was given) wait in the change feed until
+    /// [`Host::resume_watch`].
+    pub(crate) fn pause_watch(&mut self, watch: WatchId, cursor: u64) {
+        if let Some(watcher) = self.watchers.get_mut(&watch) {
+            watcher.paused_at = Some(cursor);
+        }
+    }
+
+    /// Replays up to `room` changes to a paused watcher, in cursor order; once it has caught
+    /// up it is served live again. `true` when it is live (or gone). A watcher whose place is
+    /// no longer in the change feed ends with [`WatchError::Compacted`].
+    pub(crate) fn resume_watch(&mut self, watch: WatchId, room: usize) -> bool {
+        let Some(watcher) = self.watchers.get_mut(&watch) else {
+            return true;
+        };
+        let Some(position) = watcher.paused_at else {
+            return true;
+        };
+        let events = match self.node.replica().events_since(position) {
+            Ok(events) => events,
+            Err(crate::crdt::Error::Compacted { requested, oldest }) => {
+                self.watchers.remove(&watch);
+                self.outputs.push_back(Output::Event {
+                    watch,
+                    event: Err(WatchError::Compacted { requested, oldest }),
+                });
+                return true;
+            }
+            Err(_) => return false,
+        };
+        let mut sent = 0;
+        let mut last = position;
+        let mut full = false;
+        for event in events.take_while(|event| event.cursor <= self.cursor) {
+            if event.key.as_bytes().starts_with(&watcher.prefix) {
+                if sent == room {
+                    full = true;
+                    break;
+                }
+                sent += 1;
+                self.outputs.push_back(Output::Event {
+                    watch,
+                    event: Ok(event.clone()),
+                });
+            }
+            last = event.cursor;
+        }
+        // Caught up with what has been served live: from here on it is served live too.
+        watcher.paused_at = full.then_some(last);
+        !full
+    }
+
+    /// Ends a watcher (its reader went away).
     pub(crate) fn cancel_watch(&mut self, watch: WatchId) {
         self.watchers.remove(&watch);
     }
@@ -370,8 +422,8 @@ impl Host {
         for event in fresh {
             let key = event.key.as_bytes();
             scheduling |= self.follow_scheduling && sched::is_reserved(key);
-            for (watch, prefix) in &self.watchers {
-                if key.starts_with(prefix) {
+            for (watch, watcher) in &self.watchers {
+                if watcher.paused_at.is_none() && key.starts_with(&watcher.prefix) {
                     self.outputs.push_back(Output::Event {
                         watch: *watch,
                         event: Ok(event.clone()),

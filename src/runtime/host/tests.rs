@@ -63,7 +63,15 @@ struct Disk {
 /// One watcher and what it received.
 struct Watcher {
     host: usize,
+    watch: WatchId,
     prefix: Vec<u8>,
+    /// Events its reader has not taken yet, and how many it may hold: a slow reader fills
+    /// it, and the host pauses the watcher until it has room again.
+    queued: usize,
+    capacity: usize,
+    paused: bool,
+    /// Paused during the current drain: what was already queued for it is replayed later.
+    dropping: bool,
     /// The change feed cursor it starts after.
     start: u64,
     events: Vec<crate::crdt::Event>,
@@ -106,6 +114,7 @@ struct Cluster {
     broken_ack: bool,
     answered_waits: usize,
     crashes: usize,
+    paused_total: usize,
 }
 
 impl Cluster {
@@ -129,6 +138,7 @@ impl Cluster {
             broken_ack: false,
             answered_waits: 0,
             crashes: 0,
+            paused_total: 0,
         };
         for i in 0..size {
             cluster.hosts.push(SimHost {
@@ -203,6 +213,9 @@ impl Cluster {
                 return;
             };
             let Some(output) = host.poll_output() else {
+                for watcher in self.all_watchers.iter_mut().filter(|w| w.host == i) {
+                    watcher.dropping = false;
+                }
                 return;
             };
             match output {
@@ -287,8 +300,20 @@ impl Cluster {
             return;
         };
         let watcher = &mut self.all_watchers[index];
+        if watcher.dropping {
+            return;
+        }
         match event {
+            Ok(event) if watcher.queued == watcher.capacity => {
+                // The reader's queue is full: as the driver does, pause it.
+                watcher.paused = true;
+                watcher.dropping = true;
+                self.paused_total += 1;
+                let host = self.hosts[i].host.as_mut().expect("live");
+                host.pause_watch(watch, event.cursor - 1);
+            }
             Ok(event) => {
+                watcher.queued += 1;
                 assert!(
                     event.key.as_bytes().starts_with(&watcher.prefix),
                     "watcher got a key outside its prefix"
@@ -397,6 +422,30 @@ impl Cluster {
         self.drain(i);
     }
 
+    /// Readers take some of their queued events; paused watchers get what fits replayed.
+    fn read_watches(&mut self) {
+        for index in 0..self.all_watchers.len() {
+            let taken = self.rng.random_range(0..4);
+            let watcher = &mut self.all_watchers[index];
+            if watcher.ended {
+                continue;
+            }
+            watcher.queued = watcher.queued.saturating_sub(taken);
+            let room = watcher.capacity - watcher.queued;
+            if !watcher.paused || room == 0 {
+                continue;
+            }
+            let (i, watch) = (watcher.host, watcher.watch);
+            let Some(host) = self.hosts[i].host.as_mut() else {
+                continue;
+            };
+            if host.resume_watch(watch, room) {
+                self.all_watchers[index].paused = false;
+            }
+            self.drain(i);
+        }
+    }
+
     /// One client step at a random live host.
     fn client_step(&mut self, step: u64) {
         let live = self.live();
@@ -443,7 +492,12 @@ impl Cluster {
                 let index = self.all_watchers.len();
                 self.all_watchers.push(Watcher {
                     host: i,
+                    watch,
                     prefix,
+                    queued: 0,
+                    capacity: self.rng.random_range(1..20),
+                    paused: from.is_some(),
+                    dropping: false,
                     start: from.unwrap_or(current),
                     events: Vec::new(),
                     ended: false,
@@ -532,11 +586,16 @@ fn run(seed: u64, broken_ack: bool) {
     cluster.broken_ack = broken_ack;
     for step in 0..3_000 {
         cluster.client_step(step);
+        cluster.read_watches();
         cluster.faults_step();
         let until = cluster.now + Duration::from_millis(1);
         cluster.run_until(until);
     }
     cluster.heal();
+    // Readers catch up.
+    for _ in 0..2_000 {
+        cluster.read_watches();
+    }
     cluster.check_settled();
     let watched: usize = cluster
         .all_watchers
@@ -545,10 +604,11 @@ fn run(seed: u64, broken_ack: bool) {
         .map(|w| w.events.len())
         .sum();
     eprintln!(
-        "seed {seed:#x}: {} writes acknowledged, {} crashes, {} waiters answered, {watched} events checked",
+        "seed {seed:#x}: {} writes acknowledged, {} crashes, {} waiters answered, {watched} events checked, {} pauses",
         cluster.acknowledged.len(),
         cluster.crashes,
         cluster.answered_waits,
+        cluster.paused_total,
     );
     assert!(
         cluster.acknowledged.len() > 500,
