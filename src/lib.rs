@@ -15,6 +15,7 @@
 //! - `daemon` (feature `cli`): the `mantissa agent` daemon, its HTTP/JSON API and client.
 
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod crdt;
 #[cfg(feature = "cli")]

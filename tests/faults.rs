@@ -2,7 +2,8 @@
 //! recording a history while a seeded nemesis partitions, drops packets, pauses, kills and
 //! restarts nodes; then every fault heals and checkers judge the history and the final state.
 //!
-//! Needs root (network namespaces and nftables); without root the test prints why and passes.
+//! Needs root, `ip` and `nft` (network namespaces and nftables); without them the test prints
+//! `SKIPPED faults: <why>` and passes, or fails if `MANTISSA_REQUIRE_ALL_SUITES=1` (CI sets it).
 //! Replay a run with `MANTISSA_FAULT_SEED=<seed>` (printed at the start of each run); run more
 //! with `MANTISSA_FAULT_SEEDS=<n>`, longer with `MANTISSA_FAULT_SECS=<s>`, larger with
 //! `MANTISSA_FAULT_NODES=<n>`. The seed fixes the nemesis schedule and every client's choices;
@@ -15,6 +16,8 @@ mod agent;
 mod check;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/requires.rs"]
+mod requires;
 #[path = "support/faults_sched.rs"]
 mod sched;
 
@@ -64,12 +67,8 @@ const REGISTER_KEYS: usize = 3;
 
 #[test]
 fn faults_keep_acknowledged_writes_sessions_and_convergence() {
-    if !netns::is_root() {
-        println!("SKIPPED faults: network namespaces and nftables need root; run as root");
+    if !requires::suite_can_run("faults", &netns::NEEDS) {
         return;
-    }
-    if let Some(missing) = netns::missing_tools() {
-        panic!("fault tests run as root but {missing}");
     }
     let settings = Settings::from_env();
     println!("faults: {settings:?}");
@@ -100,12 +99,8 @@ fn faults_keep_acknowledged_writes_sessions_and_convergence() {
 #[test]
 #[ignore = "a 10-minute soak, run on demand: see docs/testing.md"]
 fn soak_keeps_memory_bounded_and_every_round_correct() {
-    if !netns::is_root() {
-        println!("SKIPPED soak: network namespaces and nftables need root; run as root");
+    if !requires::suite_can_run("soak", &netns::NEEDS) {
         return;
-    }
-    if let Some(missing) = netns::missing_tools() {
-        panic!("the soak runs as root but {missing}");
     }
     let number = |name: &str, default: u64| {
         std::env::var(name).ok().map_or(default, |text| {

@@ -103,10 +103,7 @@ impl IsolatedPlan {
 
 /// Why these scenarios cannot run here, if they cannot.
 fn unavailable() -> Option<String> {
-    match netns::is_root() {
-        false => Some("needs root (it builds network namespaces)".to_owned()),
-        true => netns::missing_tools(),
-    }
+    crate::requires::unmet(&netns::NEEDS)
 }
 
 /// A report for a scenario that did not run.

@@ -17,6 +17,8 @@ mod netns;
 mod plot;
 mod progress;
 mod report;
+#[path = "../../tests/support/requires.rs"]
+mod requires;
 mod scenarios;
 mod scheduling;
 mod systems;

@@ -18,10 +18,15 @@ pub fn run(flags: AgentFlags) -> Result<(), Failure> {
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()
             .map_err(|err| Failure::failed(format!("cannot install signal handlers: {err}")))?;
-        agent::run(config, shutdown).await.map_err(|err| Failure {
+        let failure = |err: agent::AgentError| Failure {
             message: err.to_string(),
             code: err.exit_code(),
-        })
+        };
+        let started = agent::start(config).await.map_err(failure)?;
+        if let Some(banner) = started.dev_banner() {
+            println!("{banner}");
+        }
+        started.serve(shutdown).await.map_err(failure)
     });
     runtime.shutdown_timeout(RUNTIME_STOP);
     result

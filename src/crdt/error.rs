@@ -12,19 +12,30 @@ pub enum Error {
     EmptyKey,
     /// A key was longer than [`MAX_KEY_LEN`](crate::crdt::MAX_KEY_LEN).
     #[error("key is {len} bytes long; the limit is {max}")]
-    KeyTooLong { len: usize, max: usize },
+    KeyTooLong {
+        /// The key's length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
     /// A value, set element or document was larger than its limit.
     #[error("{what} is {len} bytes long; the limit is {max}")]
     TooLarge {
+        /// What was too large (`"value"`, `"set element"`, `"document"`, …).
         what: &'static str,
+        /// Its length in bytes.
         len: usize,
+        /// The limit in bytes.
         max: usize,
     },
     /// The key holds a value of another type; delete it first to change its type.
     #[error("key {key:?} holds a {found}, not a {expected}", found = found.name(), expected = expected.name())]
     WrongType {
+        /// The key, as [`Key`](crate::crdt::Key) displays it.
         key: String,
+        /// The type the write or read was for.
         expected: crate::crdt::Kind,
+        /// The type the key holds.
         found: Kind,
     },
     /// The write would change nothing (for instance, a set add without elements).
@@ -33,7 +44,12 @@ pub enum Error {
     /// A delta arrived before its causes and the hold-back buffer is full; anti-entropy will
     /// deliver it again once its causes have arrived.
     #[error("the causal hold-back buffer is full ({deltas} deltas, {bytes} bytes)")]
-    BufferFull { deltas: usize, bytes: usize },
+    BufferFull {
+        /// Deltas held back.
+        deltas: usize,
+        /// Bytes held back.
+        bytes: usize,
+    },
     /// A document could not be read or edited.
     #[error(transparent)]
     Document(#[from] DocumentError),
@@ -41,11 +57,26 @@ pub enum Error {
     #[error(
         "change feed compacted: events after cursor {requested} are gone, oldest kept is {oldest}"
     )]
-    Compacted { requested: u64, oldest: u64 },
+    Compacted {
+        /// The cursor asked for.
+        requested: u64,
+        /// The oldest cursor the feed still holds events after.
+        oldest: u64,
+    },
     /// Bytes from a peer or the disk could not be decoded.
     #[error("cannot decode {what}: {reason}")]
-    Decode { what: &'static str, reason: String },
+    Decode {
+        /// What was being decoded (`"delta"`, `"snapshot"`, …).
+        what: &'static str,
+        /// Why decoding failed.
+        reason: String,
+    },
     /// Decoded bytes were well-formed but broke an invariant of the format.
     #[error("invalid {what}: {reason}")]
-    Invalid { what: &'static str, reason: String },
+    Invalid {
+        /// What was being decoded.
+        what: &'static str,
+        /// The invariant it broke.
+        reason: String,
+    },
 }

@@ -48,7 +48,10 @@ impl Default for ReplicaConfig {
 #[non_exhaustive]
 pub enum Applied {
     /// Merged, together with `released` held-back deltas that it made ready.
-    Merged { released: usize },
+    Merged {
+        /// Held-back deltas this one made ready and that were merged after it.
+        released: usize,
+    },
     /// Held back until its causes arrive.
     Buffered,
     /// Already covered by this replica; nothing changed.

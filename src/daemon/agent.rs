@@ -2,7 +2,9 @@
 //! HTTP API, and on a signal stops the API, leaves the cluster and flushes storage.
 //!
 //! [`run`] takes its shutdown future from the caller, so tests can stop an agent without
-//! signals; the binary passes [`shutdown_signal`].
+//! signals; the binary passes [`shutdown_signal`]. The library prints nothing: it logs through
+//! `tracing`, and what the user must see (the `--dev` banner) it hands back
+//! ([`Started::dev_banner`]) for the binary to print.
 
 use std::future::Future;
 use std::io::{self, IsTerminal};
@@ -91,11 +93,53 @@ pub fn init_logging(format: LogFormat) {
 }
 
 /// Runs the agent until `shutdown` resolves: then stops the HTTP API, leaves the cluster and
-/// flushes storage. Needs a tokio runtime.
+/// flushes storage. Needs a tokio runtime. The same as [`start`] then [`Started::serve`], for a
+/// caller with nothing to show the user in between.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    start(config).await?.serve(shutdown).await
+}
+
+/// An agent that is up (its node runs, its HTTP port is bound, its scheduler started) and not
+/// serving HTTP yet: what [`start`] returns, for [`Started::serve`].
+pub struct Started {
+    listener: TcpListener,
+    handle: Handle,
+    scheduler: Option<Scheduler>,
+    options: HttpOptions,
+    /// Set for a `--dev` agent; the library does not print it, the binary does.
+    dev_banner: Option<String>,
+}
+
+impl Started {
+    /// For a `--dev` agent, the text to show its user: where it listens and how to try it
+    /// ([`dev_banner`]); `None` otherwise.
+    pub fn dev_banner(&self) -> Option<&str> {
+        self.dev_banner.as_deref()
+    }
+
+    /// Serves the HTTP API until `shutdown` resolves: then stops the API, leaves the cluster
+    /// and flushes storage. Needs a tokio runtime.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AgentError> {
+        serve_until(
+            self.listener,
+            self.handle,
+            self.scheduler,
+            self.options,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// Starts the agent (identity, node, HTTP port, scheduler) without serving yet; see [`run`].
+/// Needs a tokio runtime.
+pub async fn start(config: AgentConfig) -> Result<Started, AgentError> {
     let prepared = prepare(&config).await?;
     let listener = TcpListener::bind(config.http).await.map_err(|err| {
         let hint = if err.kind() == io::ErrorKind::AddrInUse {
@@ -115,12 +159,9 @@ pub async fn run(
         .await
         .map_err(|err| start_error(err, &config))?;
     log_started(&handle, &config, http_addr, &seeds, prepared.advertise_note).await;
-    if config.dev {
-        println!(
-            "{}",
-            dev_banner(handle.name().as_str(), http_addr, handle.addr())
-        );
-    }
+    let dev_banner = config
+        .dev
+        .then(|| dev_banner(handle.name().as_str(), http_addr, handle.addr()));
     let scheduler = match start_scheduler(&handle, &config, capacity).await {
         Ok(scheduler) => scheduler,
         Err(err) => {
@@ -128,7 +169,13 @@ pub async fn run(
             return Err(err);
         }
     };
-    serve_until(listener, handle, scheduler, http_options(&config), shutdown).await
+    Ok(Started {
+        listener,
+        handle,
+        scheduler,
+        options: http_options(&config),
+        dev_banner,
+    })
 }
 
 /// Starts the scheduler loop when the agent plans or offers its machine.
@@ -167,7 +214,10 @@ pub fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static
         );
         tokio::spawn(async move {
             let name = signals.next().await;
-            eprintln!("received {name} again: exiting without a clean shutdown");
+            warn!(
+                signal = name,
+                "received again: exiting without a clean shutdown"
+            );
             std::process::exit(130);
         });
     })

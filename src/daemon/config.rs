@@ -118,6 +118,7 @@ pub struct AgentFlags {
     #[arg(long, env = "MANTISSA_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
 
+    /// The scheduler's flags (a clap doc comment on a flattened field is not shown as help).
     #[command(flatten, next_help_heading = "Scheduling")]
     pub scheduling: SchedulingFlags,
 }

@@ -4,6 +4,23 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 /// Settings of the gossip protocol. Start from [`Config::lan`] or [`Config::wan`].
+///
+/// Fields are public for tuning; [`Config::validate`] (which [`Node::new`](crate::gossip::Node::new)
+/// calls) refuses combinations that cannot work.
+///
+/// ```
+/// use std::time::Duration;
+/// use mantissa::gossip::Config;
+/// let mut config = Config::lan();
+/// config.anti_entropy_interval = Duration::from_millis(500);
+/// config.validate().unwrap();
+/// // Membership heals within seconds on a LAN; the WAN preset probes less often.
+/// assert!(config.membership_heal_bound() < Config::wan().membership_heal_bound());
+///
+/// config.eager_peers = 0;
+/// let refused = config.validate().unwrap_err();
+/// assert_eq!(refused.field, "eager_peers");
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// The expected number of members; tunes how long suspicion lasts and how often membership

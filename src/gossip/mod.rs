@@ -3,16 +3,50 @@
 //!
 //! A [`Node`] is driven by inputs that carry the current time and drained of outputs; the runtime
 //! layer moves its [`Transmit`]s over QUIC. See `docs/protocol.md`.
+//!
+//! Two nodes, with the caller as the network (here: every message delivered at once):
+//!
+//! ```
+//! use std::time::Instant;
+//! use mantissa::crdt::{Key, NodeId, Replica};
+//! use mantissa::gossip::{Config, Member, MemberName, Node};
+//!
+//! let now = Instant::now();
+//! let member = |name: &str, id: u64, port: u16| {
+//!     let name = MemberName::new(name).unwrap();
+//!     Member::new(name, NodeId(id), ([127, 0, 0, 1], port).into())
+//! };
+//! let (a, b) = (member("node-a", 1, 7701), member("node-b", 2, 7702));
+//! let mut nodes = [
+//!     Node::new(a.clone(), Replica::new(NodeId(1)), Config::lan(), 1, now).unwrap(),
+//!     Node::new(b.clone(), Replica::new(NodeId(2)), Config::lan(), 2, now).unwrap(),
+//! ];
+//! nodes[0].add_members([b], now);
+//! nodes[1].add_members([a], now);
+//!
+//! let key = Key::new("services/web").unwrap();
+//! nodes[0].write(now, |replica| replica.put(key.clone(), b"3".to_vec(), 1).map(Some)).unwrap();
+//! // Deliver every message, at once and in order, until none is left.
+//! while let Some((from, transmit)) = (0..2).find_map(|i| Some((i, nodes[i].poll_transmit()?))) {
+//!     let sender = nodes[from].me().clone();
+//!     let to = usize::from(transmit.to.addr == nodes[1].me().addr);
+//!     nodes[to].handle_message(&sender.name, sender.addr, &transmit.payload, now).unwrap();
+//! }
+//! assert!(nodes[1].replica().get(&key).unwrap().is_some());
+//! ```
 
 mod config;
 mod member;
 mod message;
 mod node;
 mod recent;
+#[cfg(any(test, feature = "testing"))]
 mod simulation;
 
 pub use config::{Config, ConfigError};
 pub use member::{InvalidMemberName, MAX_MEMBER_NAME_LEN, Member, MemberName};
 pub use message::PROTOCOL_VERSION;
 pub use node::{Channel, Destination, Event, Node, ProtocolError, Stats, Transmit};
+/// Test-only (feature `testing`): the protocol's simulator, for this crate's tests and benches.
+#[cfg(any(test, feature = "testing"))]
 pub use simulation::{NetworkModel, Simulation, member as simulated_member};

@@ -137,7 +137,12 @@ pub enum WatchError {
     #[error(
         "events after cursor {requested} are no longer kept (oldest is {oldest}); re-read and watch from the current cursor"
     )]
-    Compacted { requested: u64, oldest: u64 },
+    Compacted {
+        /// The cursor the watch was to start after (or had reached).
+        requested: u64,
+        /// The oldest cursor the change feed still holds.
+        oldest: u64,
+    },
     /// The watcher fell too far behind and was cut off; resume from the last cursor it saw.
     #[error("the watcher fell more than {0} events behind; resume from its last cursor")]
     Lagged(usize),

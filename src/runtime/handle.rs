@@ -76,6 +76,7 @@ pub async fn start_with(config: NodeConfig, replica: Replica) -> Result<Handle, 
 
 /// Like [`start_with`], over a transport the caller bound (for instance over a simulated socket
 /// with [`Transport::bind_with_socket`]); `config.bind` and `config.transport` are not used.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
 pub fn start_on(
     config: NodeConfig,
     transport: Transport,

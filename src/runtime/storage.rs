@@ -96,13 +96,26 @@ pub enum StorageError {
     #[error(
         "data file {path} is corrupted or unreadable ({reason}). It was left in place: restore it from a backup, or start with --discard-corrupt-data to move it aside and re-sync from peers"
     )]
-    Corrupted { path: PathBuf, reason: String },
+    Corrupted {
+        /// The data file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Another process holds the data file.
     #[error("data file {path} is in use by another process")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The data file.
+        path: PathBuf,
+    },
     /// The file system refused an operation.
     #[error("data file {path}: {reason}")]
-    Io { path: PathBuf, reason: String },
+    Io {
+        /// The file or directory the operation was on.
+        path: PathBuf,
+        /// What failed, and the operating system's error.
+        reason: String,
+    },
     /// The storage thread has stopped after an earlier failure.
     #[error("storage has stopped after an earlier failure: {0}")]
     Stopped(String),

@@ -110,6 +110,8 @@ pub struct Received {
     /// The sender's address.
     pub addr: SocketAddr,
     /// How the message travelled.
+    // Read by tests only (the node does not care): public with the feature `testing`.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub channel: Channel,
     /// The message.
     pub bytes: Vec<u8>,
@@ -145,6 +147,8 @@ pub struct TransportStats {
 }
 
 /// One open connection, as listed by [`Transport::connections`].
+// Listed by tests only: public with the feature `testing`.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConnectionInfo {
@@ -422,12 +426,15 @@ impl Transport {
     }
 
     /// Open connections, draining ones included (for tests and metrics).
+    // Called by tests only: public with the feature `testing`.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub fn connection_count(&self) -> usize {
         let table = self.shared().table();
         table.links.values().filter(|l| l.is_open()).count()
     }
 
     /// The open connections, draining ones included (for status pages and tests).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub fn connections(&self) -> Vec<ConnectionInfo> {
         let table = self.shared().table();
         let mut infos: Vec<ConnectionInfo> = table
@@ -443,6 +450,7 @@ impl Transport {
     /// Drains every connection (peers confirm they read our messages), then closes the endpoint.
     ///
     /// Waits at most `drain_timeout` for the peers. Other clones of this transport stop working.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub async fn shutdown(self) {
         let bound = self.shared().config.drain_timeout;
         self.shutdown_within(bound, |_| true).await;
@@ -976,6 +984,7 @@ impl Link {
         self.is_open() && !self.draining.load(Ordering::SeqCst)
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     fn info(&self) -> ConnectionInfo {
         ConnectionInfo {
             peer: self.peer.clone(),

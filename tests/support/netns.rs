@@ -23,6 +23,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::requires::Need;
+
 /// The first two octets of every address the harness assigns; the third is chosen per run among
 /// those the host does not route yet.
 const PREFIX: [u8; 2] = [10, 77];
@@ -236,34 +238,20 @@ impl Drop for Network {
     }
 }
 
-/// Whether this process runs as root (effective uid 0).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-            .unwrap_or(false)
-    })
-}
-
-/// Why fault tests cannot run here, if something they need is missing.
-pub fn missing_tools() -> Option<String> {
-    for tool in ["ip", "nft"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            return Some(format!(
-                "`{tool}` is not installed (apt-get install -y iproute2 nftables)"
-            ));
-        }
-    }
-    None
-}
+/// What building a [`Network`] needs from the machine (check with `requires::suite_can_run`).
+pub const NEEDS: [Need; 3] = [
+    Need::Root {
+        why: "network namespaces and nftables need CAP_NET_ADMIN",
+    },
+    Need::Program {
+        name: "ip",
+        package: "iproute2",
+    },
+    Need::Program {
+        name: "nft",
+        package: "nftables",
+    },
+];
 
 /// A third octet for `10.77.x.0/24` that no host route uses yet, starting from `hint`.
 fn free_subnet(hint: u32) -> Result<u8, String> {
