@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::crdt::{Dot, Key, RegisterRef, Replica};
-use crate::gossip::MemberName;
 use crate::sched::{
     AllocationId, Claim, ClusterView, Escrow, JobSpec, Ledger, Name, NodeRecord, QuotaSpec,
     Rejection, Resources, SchedError, SchedulerRecord, Share, TaskId, keys,
@@ -24,12 +23,11 @@ use crate::sched::{
 ///
 /// ```
 /// use mantissa::crdt::{NodeId, Replica};
-/// use mantissa::gossip::MemberName;
-/// use mantissa::sched::{Cluster, NodeRecord, Resources, ViewCache};
+/// use mantissa::sched::{Cluster, Name, NodeRecord, Resources, ViewCache};
 /// let mut replica = Replica::new(NodeId(1));
 /// let mut cache = ViewCache::default();
 /// assert!(cache.view(&replica)?.nodes.is_empty());
-/// let node = MemberName::new("node-a")?;
+/// let node = Name::new("node-a")?;
 /// let offer = NodeRecord::new(node.clone(), Resources::new(1_000, 1 << 30));
 /// Cluster::new(&mut replica).register_node(&offer, 1)?;
 /// assert_eq!(cache.view(&replica)?.nodes[&node], offer);
@@ -44,7 +42,7 @@ pub struct ViewCache {
     ignored: BTreeSet<Key>,
     holdings: Holdings,
     /// What each parsed ledger holds, summed: what placement counts, kept with the ledger.
-    loads: BTreeMap<MemberName, LedgerLoad>,
+    loads: BTreeMap<Name, LedgerLoad>,
 }
 
 /// What one ledger's allocations hold, summed, for placement.
@@ -103,11 +101,7 @@ impl ViewCache {
     /// Brings up to date what an admission round of `node` reads: node records, jobs, ledgers,
     /// quotas and the claims on `node`. Claims on other machines may stay behind until the next
     /// [`ViewCache::refresh`].
-    pub(crate) fn refresh_for(
-        &mut self,
-        replica: &Replica,
-        node: &MemberName,
-    ) -> Result<(), SchedError> {
+    pub(crate) fn refresh_for(&mut self, replica: &Replica, node: &Name) -> Result<(), SchedError> {
         self.refresh_common(replica);
         let prefix = format!("{}{}/", keys::CLAIMS, node.as_str());
         self.refresh_claims(replica, &prefix);
@@ -126,7 +120,7 @@ impl ViewCache {
     }
 
     /// What `node`'s ledger holds, as of the last refresh.
-    pub(crate) fn load(&self, node: &MemberName) -> Option<&LedgerLoad> {
+    pub(crate) fn load(&self, node: &Name) -> Option<&LedgerLoad> {
         self.loads.get(node)
     }
 
@@ -179,7 +173,7 @@ impl ViewCache {
 
     fn refresh_nodes(&mut self, replica: &Replica) {
         for (key, now) in self.changes(replica, keys::NODES) {
-            let name = keys::suffix(&key, keys::NODES).and_then(|s| MemberName::new(s).ok());
+            let name = keys::suffix(&key, keys::NODES).and_then(|s| Name::new(s).ok());
             if let Some(name) = &name {
                 self.view.nodes.remove(name);
             }
@@ -195,7 +189,7 @@ impl ViewCache {
 
     fn refresh_schedulers(&mut self, replica: &Replica) {
         for (key, now) in self.changes(replica, keys::SCHEDULERS) {
-            let name = keys::suffix(&key, keys::SCHEDULERS).and_then(|s| MemberName::new(s).ok());
+            let name = keys::suffix(&key, keys::SCHEDULERS).and_then(|s| Name::new(s).ok());
             if let Some(name) = &name {
                 self.view.schedulers.remove(name);
             }
@@ -229,7 +223,7 @@ impl ViewCache {
 
     fn refresh_ledgers(&mut self, replica: &Replica) {
         for (key, now) in self.changes(replica, keys::ALLOC) {
-            let name = keys::suffix(&key, keys::ALLOC).and_then(|s| MemberName::new(s).ok());
+            let name = keys::suffix(&key, keys::ALLOC).and_then(|s| Name::new(s).ok());
             let old = name
                 .as_ref()
                 .and_then(|name| self.view.ledgers.remove(name));
@@ -242,8 +236,7 @@ impl ViewCache {
             self.holdings
                 .replace(old.as_ref(), new.as_ref().map(|(_, ledger)| ledger));
             if old.is_some()
-                && let Some(name) =
-                    keys::suffix(&key, keys::ALLOC).and_then(|s| MemberName::new(s).ok())
+                && let Some(name) = keys::suffix(&key, keys::ALLOC).and_then(|s| Name::new(s).ok())
             {
                 self.loads.remove(&name);
             }
@@ -263,7 +256,7 @@ impl ViewCache {
         for (key, now) in self.changes(replica, prefix) {
             let node = keys::suffix(&key, keys::CLAIMS)
                 .and_then(|s| s.split_once('/'))
-                .and_then(|(node, _)| MemberName::new(node).ok());
+                .and_then(|(node, _)| Name::new(node).ok());
             match node {
                 Some(node) => {
                     dirty.insert(node);
@@ -321,11 +314,11 @@ impl ViewCache {
                 }
             }
         }
-        let mut shares: BTreeMap<Name, BTreeMap<MemberName, Share>> = BTreeMap::new();
+        let mut shares: BTreeMap<Name, BTreeMap<Name, Share>> = BTreeMap::new();
         for (key, now) in replica.registers(keys::QUOTA_SHARES.as_bytes()) {
             let place = keys::suffix(key, keys::QUOTA_SHARES).and_then(|s| s.split_once('/'));
             let namespace = place.and_then(|(namespace, _)| Name::new(namespace).ok());
-            let member = place.and_then(|(_, member)| MemberName::new(member).ok());
+            let member = place.and_then(|(_, member)| Name::new(member).ok());
             let share = now.and_then(|register| keys::decode::<Share>(register.value));
             match (namespace, member, share) {
                 (Some(namespace), Some(member), Some(share)) => {
@@ -390,7 +383,7 @@ impl ViewCache {
 pub(crate) struct Holdings {
     by_task: BTreeMap<TaskId, Vec<AllocationId>>,
     /// The rejections of each task that ledgers remember, with the machine that rejected it.
-    rejections: BTreeMap<TaskId, Vec<(MemberName, Rejection)>>,
+    rejections: BTreeMap<TaskId, Vec<(Name, Rejection)>>,
 }
 
 impl Holdings {
@@ -421,7 +414,7 @@ impl Holdings {
     pub(crate) fn winner(
         &self,
         task: &TaskId,
-        is_live: impl Fn(&MemberName) -> bool,
+        is_live: impl Fn(&Name) -> bool,
     ) -> Option<&AllocationId> {
         self.by_task
             .get(task)?
@@ -431,7 +424,7 @@ impl Holdings {
     }
 
     /// The rejections of `task` that ledgers remember, with the machine that rejected it.
-    pub(crate) fn rejections(&self, task: &TaskId) -> &[(MemberName, Rejection)] {
+    pub(crate) fn rejections(&self, task: &TaskId) -> &[(Name, Rejection)] {
         self.rejections.get(task).map_or(&[], Vec::as_slice)
     }
 
@@ -530,8 +523,8 @@ mod tests {
     use crate::crdt::NodeId;
     use crate::sched::{Cluster, Resources, TaskGroup};
 
-    fn member(name: &str) -> MemberName {
-        MemberName::new(name).expect("valid")
+    fn member(name: &str) -> Name {
+        Name::new(name).expect("valid")
     }
 
     /// A cache refreshed after every step reads what a fresh read does.
