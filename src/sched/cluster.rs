@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::crdt::{Delta, Replica};
 use crate::sched::{
     Admitted, Allocation, ClusterView, Decision, JobSpec, Name, NodeRecord, Plan, QuotaSpec,
-    SchedError, Task, TaskId, ViewCache, admit, keys, plan,
+    SchedError, Task, TaskId, ViewCache, admission_round, keys, plan,
 };
 
 /// Scheduling over one replica's keyspace.
@@ -203,7 +203,7 @@ impl<'r> Cluster<'r> {
             Cache::Own(cache) => &mut **cache,
             Cache::Borrowed(cache) => &mut **cache,
         };
-        admit::admit(self.replica, cache, node, live, now_millis)
+        admission_round::admit(self.replica, cache, node, live, now_millis)
     }
 }
 

@@ -10,9 +10,9 @@
 //! members ([`Escrow`]). [`Cluster`] is the API over a [`Replica`](crate::crdt::Replica); see
 //! `docs/scheduling.md` for the model, the keys and the guarantees.
 
-mod admission;
-mod admit;
+mod admission_round;
 mod cache;
+mod claim_decision;
 mod cluster;
 mod keys;
 mod ledger;
@@ -26,9 +26,9 @@ mod status;
 mod task_id;
 mod view;
 
-pub use admission::{AdmissionContext, Decision, Rejected, resolve};
-pub use admit::{Admitted, Release, ReleaseCause};
+pub use admission_round::{Admitted, Release, ReleaseCause};
 pub use cache::ViewCache;
+pub use claim_decision::{AdmissionContext, Decision, Rejected, resolve};
 pub use cluster::Cluster;
 pub use keys::{
     ALLOC, CLAIMS, JOBS, NODES, QUOTA_SHARES, QUOTAS, RESERVED, SCHEDULERS, is_reserved,

@@ -9,7 +9,7 @@ use crate::crdt::{Key, Replica};
 use crate::sched::cache::ViewCache;
 use crate::sched::{
     Allocation, Claim, Decision, Escrow, JobSpec, Ledger, MAX_GROUP_COUNT, Name, NodeRecord,
-    SchedError, Task, TaskGroup, TaskId, admit,
+    SchedError, Task, TaskGroup, TaskId, admission_round,
 };
 
 /// What a scheduler writes under `schedulers/<member>` to take part in placement.
@@ -102,7 +102,7 @@ impl ClusterView {
     /// The decision `node` would take on the claims made on it, as this view shows them: the
     /// one it takes when its own replica holds the same writes.
     pub fn predict(&self, node: &Name, live: &BTreeSet<Name>) -> Decision {
-        admit::predict(self, node, live)
+        admission_round::predict(self, node, live)
     }
 
     /// The claims on `node` that its ledger has not decided yet.

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::crdt::{Delta, Hlc, Replica};
-use crate::sched::admission::refit;
 use crate::sched::cache::{Holdings, ViewCache};
+use crate::sched::claim_decision::refit;
 use crate::sched::{
     AdmissionContext, Allocation, AllocationId, Claim, ClusterView, Decision, Escrow, Ledger, Name,
     NodeRecord, Put, RejectReason, Rejection, SchedError, TaskId, keys, resolve,

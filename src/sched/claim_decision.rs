@@ -1,5 +1,6 @@
-//! Admission: how a machine decides the claims made on it. A pure function, so any replica can
-//! predict a machine's decision from the same state before the machine confirms it.
+//! How a machine decides the claims made on it ([`resolve`]): a pure function, so any replica
+//! can predict a machine's decision from the same state before the machine confirms it. The round
+//! that reads the state and writes the decision is `admission_round.rs`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
