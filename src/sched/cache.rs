@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::de::DeserializeOwned;
+
 use crate::crdt::{Dot, Key, RegisterRef, Replica};
 use crate::sched::{
     AllocationId, Claim, ClusterView, Escrow, JobSpec, Ledger, Name, NodeRecord, QuotaSpec,
@@ -80,6 +82,33 @@ enum Now<'a> {
     Register(RegisterRef<'a>),
     /// A value of another type: never a scheduling record.
     Other,
+}
+
+/// A collection of the view that holds records by name, for [`ViewCache::refresh_named`].
+trait ByName<T> {
+    fn forget(&mut self, name: &Name);
+    fn keep(&mut self, name: Name, record: T);
+}
+
+impl<T> ByName<T> for BTreeMap<Name, T> {
+    fn forget(&mut self, name: &Name) {
+        self.remove(name);
+    }
+
+    fn keep(&mut self, name: Name, record: T) {
+        self.insert(name, record);
+    }
+}
+
+/// Schedulers are known by name only: the record says nothing beyond it.
+impl ByName<SchedulerRecord> for BTreeSet<Name> {
+    fn forget(&mut self, name: &Name) {
+        self.remove(name);
+    }
+
+    fn keep(&mut self, name: Name, _: SchedulerRecord) {
+        self.insert(name);
+    }
 }
 
 impl ViewCache {
@@ -172,49 +201,51 @@ impl ViewCache {
     }
 
     fn refresh_nodes(&mut self, replica: &Replica) {
-        for (key, now) in self.changes(replica, keys::NODES) {
-            let name = keys::suffix(&key, keys::NODES).and_then(|s| Name::new(s).ok());
-            if let Some(name) = &name {
-                self.view.nodes.remove(name);
-            }
-            let parsed = match (&now, name) {
-                (Now::Register(register), Some(name)) => keys::decode::<NodeRecord>(register.value)
-                    .filter(|record| record.name == name)
-                    .map(|record| self.view.nodes.insert(name, record)),
-                _ => None,
-            };
-            self.ignore_unless(key, &now, parsed.is_some());
-        }
+        self.refresh_named(
+            replica,
+            keys::NODES,
+            |view| &mut view.nodes,
+            |name, record: &NodeRecord| record.name == *name,
+        );
     }
 
     fn refresh_schedulers(&mut self, replica: &Replica) {
-        for (key, now) in self.changes(replica, keys::SCHEDULERS) {
-            let name = keys::suffix(&key, keys::SCHEDULERS).and_then(|s| Name::new(s).ok());
-            if let Some(name) = &name {
-                self.view.schedulers.remove(name);
-            }
-            let parsed = match (&now, name) {
-                (Now::Register(register), Some(name)) => {
-                    keys::decode::<SchedulerRecord>(register.value)
-                        .filter(|record| record.name == name)
-                        .map(|_| self.view.schedulers.insert(name))
-                }
-                _ => None,
-            };
-            self.ignore_unless(key, &now, parsed.is_some());
-        }
+        self.refresh_named(
+            replica,
+            keys::SCHEDULERS,
+            |view| &mut view.schedulers,
+            |name, record: &SchedulerRecord| record.name == *name,
+        );
     }
 
     fn refresh_jobs(&mut self, replica: &Replica) {
-        for (key, now) in self.changes(replica, keys::JOBS) {
-            let name = keys::suffix(&key, keys::JOBS).and_then(|s| Name::new(s).ok());
+        self.refresh_named(
+            replica,
+            keys::JOBS,
+            |view| &mut view.jobs,
+            |name, job: &JobSpec| job.name == *name && job.validate().is_ok(),
+        );
+    }
+
+    /// Re-reads the changed records under `prefix`, each named by its key's suffix: a record
+    /// leaves the view's collection, and comes back if its register decodes to a `T` that is
+    /// `valid` under that name. Anything else is remembered as ignored until it changes.
+    fn refresh_named<T: DeserializeOwned, C: ByName<T>>(
+        &mut self,
+        replica: &Replica,
+        prefix: &str,
+        collection: fn(&mut ClusterView) -> &mut C,
+        valid: impl Fn(&Name, &T) -> bool,
+    ) {
+        for (key, now) in self.changes(replica, prefix) {
+            let name = keys::suffix(&key, prefix).and_then(|s| Name::new(s).ok());
             if let Some(name) = &name {
-                self.view.jobs.remove(name);
+                collection(&mut self.view).forget(name);
             }
             let parsed = match (&now, name) {
-                (Now::Register(register), Some(name)) => keys::decode::<JobSpec>(register.value)
-                    .filter(|job| job.name == name && job.validate().is_ok())
-                    .map(|job| self.view.jobs.insert(name, job)),
+                (Now::Register(register), Some(name)) => keys::decode::<T>(register.value)
+                    .filter(|record| valid(&name, record))
+                    .map(|record| collection(&mut self.view).keep(name, record)),
                 _ => None,
             };
             self.ignore_unless(key, &now, parsed.is_some());
