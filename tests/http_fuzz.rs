@@ -29,6 +29,8 @@
 
 #[path = "support/agent.rs"]
 mod agent;
+#[path = "support/rng.rs"]
+mod rng;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -211,11 +213,7 @@ impl Rng {
     }
 
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        rng::splitmix64(&mut self.0)
     }
 
     /// A number in `0..n` (0 when `n` is 0).

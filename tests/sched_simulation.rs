@@ -52,6 +52,8 @@
 //! nodes 1 and 4 in a cluster of their own from the start (both their announcements to the other
 //! seed were lost); members now keep announcing to the seeds SWIM has never heard of.
 
+#[path = "support/rng.rs"]
+mod rng;
 #[path = "support/turmoil_net.rs"]
 mod turmoil_net;
 #[path = "support/turmoil_socket.rs"]
@@ -275,11 +277,7 @@ impl Rng {
     }
 
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        rng::splitmix64(&mut self.0)
     }
 
     fn below(&mut self, n: u64) -> u64 {

@@ -53,6 +53,8 @@
 // `tokio_unstable` is not a cfg of this crate: it is set through RUSTFLAGS for exact replays.
 #![allow(unexpected_cfgs)]
 
+#[path = "support/rng.rs"]
+mod rng;
 #[path = "support/turmoil_net.rs"]
 mod turmoil_net;
 #[path = "support/turmoil_socket.rs"]
@@ -353,12 +355,7 @@ impl Rng {
     }
 
     fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        rng::splitmix64(&mut self.0)
     }
 
     fn below(&mut self, n: u64) -> u64 {
