@@ -77,6 +77,7 @@ use mantissa::runtime::{
 use mantissa::sched::{
     Constraints, JobSpec, Ledger, Name, NodeRecord, Resources, Strategy, TaskGroup, TaskState,
 };
+use rng::Rng;
 use turmoil_net::Network;
 use turmoil_socket::TurmoilUdpSocket;
 
@@ -267,29 +268,11 @@ fn run_seeds(seeds: &[u64], scenario: &Scenario) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Randomness: splitmix64, so a seed's schedule never depends on a crate's version.
-
-struct Rng(u64);
+// Randomness: this suite mixes its seed into the shared generator (`tests/support/rng.rs`).
 
 impl Rng {
     fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5ced_5eed)
-    }
-
-    fn next(&mut self) -> u64 {
-        rng::splitmix64(&mut self.0)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
     }
 }
 

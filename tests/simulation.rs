@@ -75,6 +75,7 @@ use mantissa::crdt::{Key, NodeId, Replica, Token, Value, VersionVector};
 use mantissa::runtime::{
     ClusterCa, Handle, HandleError, NodeConfig, TlsConfig, Transport, TransportConfig, start_on,
 };
+use rng::Rng;
 use turmoil_net::Network;
 use turmoil_socket::TurmoilUdpSocket;
 
@@ -344,26 +345,11 @@ struct Outcome {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Randomness: a small seeded generator, so schedules never depend on a crate's version.
-
-#[derive(Clone)]
-struct Rng(u64);
+// Randomness: this suite mixes its seed into the shared generator (`tests/support/rng.rs`).
 
 impl Rng {
     fn new(seed: u64) -> Rng {
         Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn next(&mut self) -> u64 {
-        rng::splitmix64(&mut self.0)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
     }
 }
 
