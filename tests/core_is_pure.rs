@@ -48,6 +48,34 @@ fn the_protocol_module_uses_no_io_clock_or_global_randomness() {
     check("src/gossip", FORBIDDEN_IN_PROTOCOL);
 }
 
+/// Scheduling sits beside the protocol, not above it: it depends on the CRDT core only, so a
+/// scheduler can be driven by any replica, gossiped or not.
+#[test]
+fn the_scheduler_depends_on_the_crdt_core_only() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/sched");
+    let mut offences = Vec::new();
+    for entry in fs::read_dir(&dir).expect("src/sched exists") {
+        let path = entry.expect("readable directory entry").path();
+        if path.extension().is_none_or(|ext| ext != "rs") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).expect("readable source file");
+        // Doctests and unit tests too: an example that needs gossip teaches the wrong layering.
+        for (number, line) in text.lines().enumerate() {
+            for layer in ["gossip::", "runtime::", "daemon::"] {
+                if line.contains(layer) {
+                    offences.push(format!("{}:{}: {layer}", path.display(), number + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "src/sched reaches above the CRDT core:\n{}",
+        offences.join("\n")
+    );
+}
+
 fn check(module: &str, forbidden: &[&str]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(module);
     let mut checked = 0;

@@ -29,10 +29,12 @@
 
 #[path = "support/agent.rs"]
 mod agent;
+#[path = "support/rng.rs"]
+mod rng;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -211,11 +213,7 @@ impl Rng {
     }
 
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        rng::splitmix64(&mut self.0)
     }
 
     /// A number in `0..n` (0 when `n` is 0).
@@ -881,108 +879,22 @@ fn io_reason(err: &io::Error) -> NoReply {
     }
 }
 
-/// One line, without its line ending; `Closed` at the end of the stream. Lines are capped at
-/// 64 KiB, far more than any answer's head line.
-fn read_line(reader: &mut BufReader<TcpStream>) -> Result<String, NoReply> {
-    let mut line = Vec::new();
-    let read = reader
-        .by_ref()
-        .take(64 * 1024)
-        .read_until(b'\n', &mut line)
-        .map_err(|err| io_reason(&err))?;
-    if read == 0 {
-        return Err(NoReply::Closed);
-    }
-    if line.last() != Some(&b'\n') {
-        return Err(NoReply::Broken(format!(
-            "a line without an end: {}",
-            shown(&line)
-        )));
-    }
-    while line
-        .last()
-        .is_some_and(|byte| matches!(byte, b'\r' | b'\n'))
-    {
-        line.pop();
-    }
-    String::from_utf8(line).map_err(|err| NoReply::Broken(format!("a line not UTF-8: {err}")))
-}
-
-/// Reads one answer (skipping 1xx); for a watch, its head and first chunk only.
+/// Reads one answer (skipping 1xx) with the harness's strict reader; for a watch, its head and
+/// first chunk only.
 fn read_reply(reader: &mut BufReader<TcpStream>, sent: &Sent) -> Result<Reply, NoReply> {
-    let (status, headers) = loop {
-        let line = read_line(reader)?;
-        let status = line
-            .strip_prefix("HTTP/1.")
-            .and_then(|rest| rest.get(2..5))
-            .and_then(|code| code.parse::<u16>().ok())
-            .ok_or_else(|| NoReply::Broken(format!("a bad status line {line:?}")))?;
-        let mut headers = Vec::new();
-        loop {
-            let line = read_line(reader)?;
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line
-                .split_once(':')
-                .ok_or_else(|| NoReply::Broken(format!("a bad header line {line:?}")))?;
-            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
-        }
-        if !(100..200).contains(&status) {
-            break (status, headers);
-        }
-    };
-    let mut reply = Reply {
+    let reason = |err: io::Error| io_reason(&err);
+    let (status, headers) = agent::read_head(reader).map_err(reason)?;
+    let watching = sent.watch && status == 200;
+    let body =
+        agent::read_body(reader, status, &headers, &sent.method, watching).map_err(reason)?;
+    if watching {
+        check_watch_lines(&body)?;
+    }
+    Ok(Reply {
         status,
         headers,
-        body: Vec::new(),
-    };
-    if sent.method == "HEAD" || status == 204 || status == 304 {
-        return Ok(reply);
-    }
-    let chunked = reply
-        .header("transfer-encoding")
-        .is_some_and(|value| value.to_ascii_lowercase().contains("chunked"));
-    let watching = sent.watch && status == 200;
-    if chunked {
-        loop {
-            let line = read_line(reader)?;
-            let digits = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(digits, 16)
-                .map_err(|_| NoReply::Broken(format!("a bad chunk size {line:?}")))?;
-            if size == 0 {
-                while !read_line(reader)?.is_empty() {}
-                break;
-            }
-            let start = reply.body.len();
-            reply.body.resize(start + size, 0);
-            reader
-                .read_exact(&mut reply.body[start..])
-                .map_err(|err| io_reason(&err))?;
-            if !read_line(reader)?.is_empty() {
-                return Err(NoReply::Broken("no CRLF after a chunk".to_owned()));
-            }
-            if watching {
-                break;
-            }
-        }
-    } else if let Some(length) = reply.header("content-length") {
-        let length: usize = length
-            .parse()
-            .map_err(|_| NoReply::Broken(format!("a bad content-length {length:?}")))?;
-        reply.body.resize(length, 0);
-        reader
-            .read_exact(&mut reply.body)
-            .map_err(|err| io_reason(&err))?;
-    } else if !watching {
-        reader
-            .read_to_end(&mut reply.body)
-            .map_err(|err| io_reason(&err))?;
-    }
-    if watching {
-        check_watch_lines(&reply.body)?;
-    }
-    Ok(reply)
+        body,
+    })
 }
 
 /// The complete lines of a watch stream's first chunk must be JSON objects.

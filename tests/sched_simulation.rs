@@ -52,12 +52,16 @@
 //! nodes 1 and 4 in a cluster of their own from the start (both their announcements to the other
 //! seed were lost); members now keep announcing to the seeds SWIM has never heard of.
 
+#[path = "support/rng.rs"]
+mod rng;
+#[path = "support/turmoil_net.rs"]
+mod turmoil_net;
 #[path = "support/turmoil_socket.rs"]
 mod turmoil_socket;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -73,6 +77,8 @@ use mantissa::runtime::{
 use mantissa::sched::{
     Constraints, JobSpec, Ledger, Name, NodeRecord, Resources, Strategy, TaskGroup, TaskState,
 };
+use rng::Rng;
+use turmoil_net::Network;
 use turmoil_socket::TurmoilUdpSocket;
 
 const PORT: u16 = 7946;
@@ -262,33 +268,11 @@ fn run_seeds(seeds: &[u64], scenario: &Scenario) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Randomness: splitmix64, so a seed's schedule never depends on a crate's version.
-
-struct Rng(u64);
+// Randomness: this suite mixes its seed into the shared generator (`tests/support/rng.rs`).
 
 impl Rng {
     fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5ced_5eed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
     }
 }
 
@@ -560,69 +544,31 @@ fn parse_faults(seed: u64, text: &str) -> Vec<Timed> {
         .collect()
 }
 
-struct Network {
-    ips: Vec<IpAddr>,
-    /// Each link's healthy latency (plus up to `JITTER`).
-    latency: BTreeMap<(usize, usize), Duration>,
-}
-
-impl Network {
-    fn new(sim: &turmoil::Sim<'_>, rng: &mut Rng, nodes: usize) -> Network {
-        let ips = (0..nodes).map(|k| sim.lookup(node_name(k))).collect();
-        let mut latency = BTreeMap::new();
-        for a in 0..nodes {
-            for b in a + 1..nodes {
-                latency.insert((a, b), rng.millis(1, 10));
-            }
+/// Applies one fault of the schedule to the network or to a node.
+fn apply(network: &Network, sim: &mut turmoil::Sim<'_>, state: &Shared, fault: FaultKind) {
+    let now = sim.elapsed().as_millis();
+    state
+        .borrow_mut()
+        .trace
+        .push(format!("{now:>6} fault {fault:?}"));
+    match fault {
+        FaultKind::Partition(side) => network.partition(sim, &side),
+        FaultKind::Hold(a, b) => network.hold(sim, a, b),
+        FaultKind::Slow(a, b, millis) => network.slow(sim, a, b, Duration::from_millis(millis)),
+        FaultKind::Loss(rate) => sim.set_fail_rate(rate),
+        FaultKind::Crash(k) => {
+            sim.crash(node_name(k));
+            let mut s = state.borrow_mut();
+            s.handles[k] = None;
+            s.crashes += 1;
         }
-        Network { ips, latency }
-    }
-
-    fn heal(&self, sim: &mut turmoil::Sim<'_>) {
-        for (&(a, b), &latency) in &self.latency {
-            let (a, b) = (self.ips[a], self.ips[b]);
-            sim.repair(a, b);
-            sim.release(a, b);
-            sim.set_link_latency(a, b, latency);
-            sim.set_link_max_message_latency(a, b, latency + JITTER);
-        }
-        sim.set_fail_rate(0.0);
-    }
-
-    fn apply(&self, sim: &mut turmoil::Sim<'_>, state: &Shared, fault: FaultKind) {
-        let now = sim.elapsed().as_millis();
-        state
-            .borrow_mut()
-            .trace
-            .push(format!("{now:>6} fault {fault:?}"));
-        let ip = |k: usize| self.ips[k];
-        match fault {
-            FaultKind::Partition(side) => {
-                for &a in &side {
-                    for b in (0..self.ips.len()).filter(|b| !side.contains(b)) {
-                        sim.partition(ip(a), ip(b));
-                    }
-                }
-            }
-            FaultKind::Hold(a, b) => sim.hold(ip(a), ip(b)),
-            FaultKind::Slow(a, b, millis) => {
-                sim.set_link_latency(ip(a), ip(b), Duration::from_millis(millis));
-            }
-            FaultKind::Loss(rate) => sim.set_fail_rate(rate),
-            FaultKind::Crash(k) => {
-                sim.crash(node_name(k));
-                let mut s = state.borrow_mut();
-                s.handles[k] = None;
-                s.crashes += 1;
-            }
-            FaultKind::HealAll => {
-                self.heal(sim);
-                let crashed: Vec<usize> = (0..self.ips.len())
-                    .filter(|&k| state.borrow().handles[k].is_none())
-                    .collect();
-                for k in crashed {
-                    sim.bounce(node_name(k));
-                }
+        FaultKind::HealAll => {
+            network.heal(sim);
+            let crashed: Vec<usize> = (0..network.nodes())
+                .filter(|&k| state.borrow().handles[k].is_none())
+                .collect();
+            for k in crashed {
+                sim.bounce(node_name(k));
             }
         }
     }
@@ -748,13 +694,14 @@ fn run(seed: u64, scenario: &Scenario) -> Outcome {
     }
     sim.client("clients", clients(state.clone(), params.nodes));
 
-    let network = Network::new(&sim, &mut rng, params.nodes);
+    let hosts = (0..params.nodes).map(node_name);
+    let network = Network::new(&sim, hosts, JITTER, || rng.millis(1, 10));
     network.heal(&mut sim);
     let mut faults = params.faults;
     let failure = loop {
         while faults.front().is_some_and(|f| f.at <= sim.elapsed()) {
             let fault = faults.pop_front().expect("checked");
-            network.apply(&mut sim, &state, fault.kind);
+            apply(&network, &mut sim, &state, fault.kind);
             state.borrow_mut().faults_over = faults.is_empty();
         }
         match catch_unwind(AssertUnwindSafe(|| sim.step())) {

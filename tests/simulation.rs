@@ -53,6 +53,10 @@
 // `tokio_unstable` is not a cfg of this crate: it is set through RUSTFLAGS for exact replays.
 #![allow(unexpected_cfgs)]
 
+#[path = "support/rng.rs"]
+mod rng;
+#[path = "support/turmoil_net.rs"]
+mod turmoil_net;
 #[path = "support/turmoil_socket.rs"]
 mod turmoil_socket;
 
@@ -60,7 +64,7 @@ use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,6 +75,8 @@ use mantissa::crdt::{Key, NodeId, Replica, Token, Value, VersionVector};
 use mantissa::runtime::{
     ClusterCa, Handle, HandleError, NodeConfig, TlsConfig, Transport, TransportConfig, start_on,
 };
+use rng::Rng;
+use turmoil_net::Network;
 use turmoil_socket::TurmoilUdpSocket;
 
 /// Ends a client (or a check) with an error: the run fails with this message and its seed.
@@ -339,31 +345,11 @@ struct Outcome {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Randomness: a small seeded generator, so schedules never depend on a crate's version.
-
-#[derive(Clone)]
-struct Rng(u64);
+// Randomness: this suite mixes its seed into the shared generator (`tests/support/rng.rs`).
 
 impl Rng {
     fn new(seed: u64) -> Rng {
         Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
     }
 }
 
@@ -530,7 +516,7 @@ fn run(seed: u64, params: &Params) -> Outcome {
     }
     sim.client("clients", clients(state.clone(), params.clients));
 
-    let network = Network::new(&sim, seed, params);
+    let network = network(&sim, seed, params);
     network.heal(&mut sim);
     let mut schedule = fault_schedule(seed, params);
     // The schedule's clock: stands still while a node joins.
@@ -550,7 +536,7 @@ fn run(seed: u64, params: &Params) -> Outcome {
         if !paused {
             while schedule.front().is_some_and(|f| f.at <= clock) {
                 let fault = schedule.pop_front().expect("checked");
-                network.apply(&mut sim, &state, fault.kind);
+                apply(&network, &mut sim, &state, fault.kind);
                 if schedule.is_empty() {
                     state.borrow_mut().faults_over = true;
                 }
@@ -773,97 +759,58 @@ fn random_faults(seed: u64, nodes: usize) -> Vec<Fault> {
     faults
 }
 
-/// The simulated network's links and their healthy latencies.
-struct Network {
-    nodes: Vec<IpAddr>,
-    /// Each link's least latency when healthy, by seed; `JITTER` more at most.
-    latency: BTreeMap<(usize, usize), Duration>,
+/// The simulated network of a run: each link's healthy latency drawn from the seed.
+fn network(sim: &turmoil::Sim<'_>, seed: u64, params: &Params) -> Network {
+    let mut rng = Rng::new(seed ^ 0x1a7e_0c1e);
+    let hosts = (0..params.nodes).map(node_name);
+    Network::new(sim, hosts, JITTER, || rng.millis(1, 20))
 }
 
-impl Network {
-    fn new(sim: &turmoil::Sim<'_>, seed: u64, params: &Params) -> Network {
-        let mut rng = Rng::new(seed ^ 0x1a7e_0c1e);
-        let nodes: Vec<IpAddr> = (0..params.nodes)
-            .map(|k| sim.lookup(node_name(k)))
-            .collect();
-        let mut latency = BTreeMap::new();
-        for a in 0..params.nodes {
-            for b in a + 1..params.nodes {
-                latency.insert((a, b), rng.millis(1, 20));
-            }
+/// Applies one fault of the schedule to the network or to a node.
+fn apply(network: &Network, sim: &mut turmoil::Sim<'_>, state: &Shared, fault: FaultKind) {
+    let now = sim.elapsed().as_millis();
+    state
+        .borrow_mut()
+        .trace
+        .push(format!("{now:>6} fault {fault:?}"));
+    match fault {
+        FaultKind::Partition(side) => network.partition(sim, &side),
+        FaultKind::Hold(a, b) => network.hold(sim, a, b),
+        FaultKind::Slow(a, b, millis) => network.slow(sim, a, b, Duration::from_millis(millis)),
+        FaultKind::Jitter(a, b) => network.jitter(sim, a, b, 6),
+        FaultKind::FailRate(rate) => sim.set_fail_rate(rate),
+        FaultKind::Crash(k) => {
+            let Some(k) = victim(network, state, k) else {
+                state
+                    .borrow_mut()
+                    .trace
+                    .push(format!("{now:>6} no node to crash"));
+                return;
+            };
+            sim.crash(node_name(k));
+            let mut s = state.borrow_mut();
+            s.handles[k] = None;
+            let replica = replica_id(k, s.starts[k]);
+            s.crashed.insert(replica);
+            s.trace.push(format!("{now:>6} crashed node-{k}"));
         }
-        Network { nodes, latency }
-    }
-
-    /// Repairs and releases every link, restores healthy latencies and stops dropping messages.
-    fn heal(&self, sim: &mut turmoil::Sim<'_>) {
-        for (&(a, b), &latency) in &self.latency {
-            let (a, b) = (self.nodes[a], self.nodes[b]);
-            sim.repair(a, b);
-            sim.release(a, b);
-            sim.set_link_latency(a, b, latency);
-            sim.set_link_max_message_latency(a, b, latency + JITTER);
-        }
-        sim.set_fail_rate(0.0);
-    }
-
-    fn apply(&self, sim: &mut turmoil::Sim<'_>, state: &Shared, fault: FaultKind) {
-        let now = sim.elapsed().as_millis();
-        state
-            .borrow_mut()
-            .trace
-            .push(format!("{now:>6} fault {fault:?}"));
-        let ip = |k: usize| self.nodes[k];
-        match fault {
-            FaultKind::Partition(side) => {
-                for a in &side {
-                    for b in (0..self.nodes.len()).filter(|b| !side.contains(b)) {
-                        sim.partition(ip(*a), ip(b));
-                    }
-                }
-            }
-            FaultKind::Hold(a, b) => sim.hold(ip(a), ip(b)),
-            FaultKind::Slow(a, b, millis) => {
-                sim.set_link_latency(ip(a), ip(b), Duration::from_millis(millis));
-            }
-            FaultKind::Jitter(a, b) => {
-                let base = self.latency[&(a.min(b), a.max(b))];
-                sim.set_link_max_message_latency(ip(a), ip(b), base + 6 * JITTER);
-            }
-            FaultKind::FailRate(rate) => sim.set_fail_rate(rate),
-            FaultKind::Crash(k) => {
-                let Some(k) = self.victim(state, k) else {
-                    state
-                        .borrow_mut()
-                        .trace
-                        .push(format!("{now:>6} no node to crash"));
-                    return;
-                };
-                sim.crash(node_name(k));
-                let mut s = state.borrow_mut();
-                s.handles[k] = None;
-                let replica = replica_id(k, s.starts[k]);
-                s.crashed.insert(replica);
-                s.trace.push(format!("{now:>6} crashed node-{k}"));
-            }
-            FaultKind::Restart | FaultKind::HealAll => {
-                self.heal(sim);
-                let crashed = state.borrow().crashed_now();
-                for k in crashed {
-                    sim.bounce(node_name(k));
-                }
+        FaultKind::Restart | FaultKind::HealAll => {
+            network.heal(sim);
+            let crashed = state.borrow().crashed_now();
+            for k in crashed {
+                sim.bounce(node_name(k));
             }
         }
     }
+}
 
-    /// The node to crash: `k`, or the next running one.
-    fn victim(&self, state: &Shared, k: usize) -> Option<usize> {
-        let s = state.borrow();
-        let n = self.nodes.len();
-        (0..n)
-            .map(|i| (k + i) % n)
-            .find(|&j| s.handles[j].is_some())
-    }
+/// The node to crash: `k`, or the next running one.
+fn victim(network: &Network, state: &Shared, k: usize) -> Option<usize> {
+    let s = state.borrow();
+    let n = network.nodes();
+    (0..n)
+        .map(|i| (k + i) % n)
+        .find(|&j| s.handles[j].is_some())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -43,8 +43,13 @@ mod recent;
 #[cfg(any(test, feature = "testing"))]
 mod simulation;
 
+/// Why a member name was refused: the one name error, under the name the runtime spells.
+pub use crate::crdt::InvalidName as InvalidMemberName;
+/// A member's name: what its TLS certificate is issued for, and so what identifies it. The one
+/// validated name type, kept under this name because the runtime and the HTTP layer spell it so.
+pub use crate::crdt::Name as MemberName;
 pub use config::{Config, ConfigError};
-pub use member::{InvalidMemberName, MAX_MEMBER_NAME_LEN, Member, MemberName};
+pub use member::Member;
 pub use message::PROTOCOL_VERSION;
 pub use node::{Channel, Destination, Event, Node, ProtocolError, Stats, Transmit};
 /// Test-only (feature `testing`): the protocol's simulator, for this crate's tests and benches.

@@ -8,8 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::de::DeserializeOwned;
+
 use crate::crdt::{Dot, Key, RegisterRef, Replica};
-use crate::gossip::MemberName;
 use crate::sched::{
     AllocationId, Claim, ClusterView, Escrow, JobSpec, Ledger, Name, NodeRecord, QuotaSpec,
     Rejection, Resources, SchedError, SchedulerRecord, Share, TaskId, keys,
@@ -24,12 +25,11 @@ use crate::sched::{
 ///
 /// ```
 /// use mantissa::crdt::{NodeId, Replica};
-/// use mantissa::gossip::MemberName;
-/// use mantissa::sched::{Cluster, NodeRecord, Resources, ViewCache};
+/// use mantissa::sched::{Cluster, Name, NodeRecord, Resources, ViewCache};
 /// let mut replica = Replica::new(NodeId(1));
 /// let mut cache = ViewCache::default();
 /// assert!(cache.view(&replica)?.nodes.is_empty());
-/// let node = MemberName::new("node-a")?;
+/// let node = Name::new("node-a")?;
 /// let offer = NodeRecord::new(node.clone(), Resources::new(1_000, 1 << 30));
 /// Cluster::new(&mut replica).register_node(&offer, 1)?;
 /// assert_eq!(cache.view(&replica)?.nodes[&node], offer);
@@ -44,7 +44,7 @@ pub struct ViewCache {
     ignored: BTreeSet<Key>,
     holdings: Holdings,
     /// What each parsed ledger holds, summed: what placement counts, kept with the ledger.
-    loads: BTreeMap<MemberName, LedgerLoad>,
+    loads: BTreeMap<Name, LedgerLoad>,
 }
 
 /// What one ledger's allocations hold, summed, for placement.
@@ -84,6 +84,33 @@ enum Now<'a> {
     Other,
 }
 
+/// A collection of the view that holds records by name, for [`ViewCache::refresh_named`].
+trait ByName<T> {
+    fn forget(&mut self, name: &Name);
+    fn keep(&mut self, name: Name, record: T);
+}
+
+impl<T> ByName<T> for BTreeMap<Name, T> {
+    fn forget(&mut self, name: &Name) {
+        self.remove(name);
+    }
+
+    fn keep(&mut self, name: Name, record: T) {
+        self.insert(name, record);
+    }
+}
+
+/// Schedulers are known by name only: the record says nothing beyond it.
+impl ByName<SchedulerRecord> for BTreeSet<Name> {
+    fn forget(&mut self, name: &Name) {
+        self.remove(name);
+    }
+
+    fn keep(&mut self, name: Name, _: SchedulerRecord) {
+        self.insert(name);
+    }
+}
+
 impl ViewCache {
     /// Brings the view up to date with `replica` and returns it.
     pub fn view(&mut self, replica: &Replica) -> Result<&ClusterView, SchedError> {
@@ -103,11 +130,7 @@ impl ViewCache {
     /// Brings up to date what an admission round of `node` reads: node records, jobs, ledgers,
     /// quotas and the claims on `node`. Claims on other machines may stay behind until the next
     /// [`ViewCache::refresh`].
-    pub(crate) fn refresh_for(
-        &mut self,
-        replica: &Replica,
-        node: &MemberName,
-    ) -> Result<(), SchedError> {
+    pub(crate) fn refresh_for(&mut self, replica: &Replica, node: &Name) -> Result<(), SchedError> {
         self.refresh_common(replica);
         let prefix = format!("{}{}/", keys::CLAIMS, node.as_str());
         self.refresh_claims(replica, &prefix);
@@ -126,7 +149,7 @@ impl ViewCache {
     }
 
     /// What `node`'s ledger holds, as of the last refresh.
-    pub(crate) fn load(&self, node: &MemberName) -> Option<&LedgerLoad> {
+    pub(crate) fn load(&self, node: &Name) -> Option<&LedgerLoad> {
         self.loads.get(node)
     }
 
@@ -178,49 +201,51 @@ impl ViewCache {
     }
 
     fn refresh_nodes(&mut self, replica: &Replica) {
-        for (key, now) in self.changes(replica, keys::NODES) {
-            let name = keys::suffix(&key, keys::NODES).and_then(|s| MemberName::new(s).ok());
-            if let Some(name) = &name {
-                self.view.nodes.remove(name);
-            }
-            let parsed = match (&now, name) {
-                (Now::Register(register), Some(name)) => keys::decode::<NodeRecord>(register.value)
-                    .filter(|record| record.name == name)
-                    .map(|record| self.view.nodes.insert(name, record)),
-                _ => None,
-            };
-            self.ignore_unless(key, &now, parsed.is_some());
-        }
+        self.refresh_named(
+            replica,
+            keys::NODES,
+            |view| &mut view.nodes,
+            |name, record: &NodeRecord| record.name == *name,
+        );
     }
 
     fn refresh_schedulers(&mut self, replica: &Replica) {
-        for (key, now) in self.changes(replica, keys::SCHEDULERS) {
-            let name = keys::suffix(&key, keys::SCHEDULERS).and_then(|s| MemberName::new(s).ok());
-            if let Some(name) = &name {
-                self.view.schedulers.remove(name);
-            }
-            let parsed = match (&now, name) {
-                (Now::Register(register), Some(name)) => {
-                    keys::decode::<SchedulerRecord>(register.value)
-                        .filter(|record| record.name == name)
-                        .map(|_| self.view.schedulers.insert(name))
-                }
-                _ => None,
-            };
-            self.ignore_unless(key, &now, parsed.is_some());
-        }
+        self.refresh_named(
+            replica,
+            keys::SCHEDULERS,
+            |view| &mut view.schedulers,
+            |name, record: &SchedulerRecord| record.name == *name,
+        );
     }
 
     fn refresh_jobs(&mut self, replica: &Replica) {
-        for (key, now) in self.changes(replica, keys::JOBS) {
-            let name = keys::suffix(&key, keys::JOBS).and_then(|s| Name::new(s).ok());
+        self.refresh_named(
+            replica,
+            keys::JOBS,
+            |view| &mut view.jobs,
+            |name, job: &JobSpec| job.name == *name && job.validate().is_ok(),
+        );
+    }
+
+    /// Re-reads the changed records under `prefix`, each named by its key's suffix: a record
+    /// leaves the view's collection, and comes back if its register decodes to a `T` that is
+    /// `valid` under that name. Anything else is remembered as ignored until it changes.
+    fn refresh_named<T: DeserializeOwned, C: ByName<T>>(
+        &mut self,
+        replica: &Replica,
+        prefix: &str,
+        collection: fn(&mut ClusterView) -> &mut C,
+        valid: impl Fn(&Name, &T) -> bool,
+    ) {
+        for (key, now) in self.changes(replica, prefix) {
+            let name = keys::suffix(&key, prefix).and_then(|s| Name::new(s).ok());
             if let Some(name) = &name {
-                self.view.jobs.remove(name);
+                collection(&mut self.view).forget(name);
             }
             let parsed = match (&now, name) {
-                (Now::Register(register), Some(name)) => keys::decode::<JobSpec>(register.value)
-                    .filter(|job| job.name == name && job.validate().is_ok())
-                    .map(|job| self.view.jobs.insert(name, job)),
+                (Now::Register(register), Some(name)) => keys::decode::<T>(register.value)
+                    .filter(|record| valid(&name, record))
+                    .map(|record| collection(&mut self.view).keep(name, record)),
                 _ => None,
             };
             self.ignore_unless(key, &now, parsed.is_some());
@@ -229,7 +254,7 @@ impl ViewCache {
 
     fn refresh_ledgers(&mut self, replica: &Replica) {
         for (key, now) in self.changes(replica, keys::ALLOC) {
-            let name = keys::suffix(&key, keys::ALLOC).and_then(|s| MemberName::new(s).ok());
+            let name = keys::suffix(&key, keys::ALLOC).and_then(|s| Name::new(s).ok());
             let old = name
                 .as_ref()
                 .and_then(|name| self.view.ledgers.remove(name));
@@ -242,8 +267,7 @@ impl ViewCache {
             self.holdings
                 .replace(old.as_ref(), new.as_ref().map(|(_, ledger)| ledger));
             if old.is_some()
-                && let Some(name) =
-                    keys::suffix(&key, keys::ALLOC).and_then(|s| MemberName::new(s).ok())
+                && let Some(name) = keys::suffix(&key, keys::ALLOC).and_then(|s| Name::new(s).ok())
             {
                 self.loads.remove(&name);
             }
@@ -263,7 +287,7 @@ impl ViewCache {
         for (key, now) in self.changes(replica, prefix) {
             let node = keys::suffix(&key, keys::CLAIMS)
                 .and_then(|s| s.split_once('/'))
-                .and_then(|(node, _)| MemberName::new(node).ok());
+                .and_then(|(node, _)| Name::new(node).ok());
             match node {
                 Some(node) => {
                     dirty.insert(node);
@@ -321,11 +345,11 @@ impl ViewCache {
                 }
             }
         }
-        let mut shares: BTreeMap<Name, BTreeMap<MemberName, Share>> = BTreeMap::new();
+        let mut shares: BTreeMap<Name, BTreeMap<Name, Share>> = BTreeMap::new();
         for (key, now) in replica.registers(keys::QUOTA_SHARES.as_bytes()) {
             let place = keys::suffix(key, keys::QUOTA_SHARES).and_then(|s| s.split_once('/'));
             let namespace = place.and_then(|(namespace, _)| Name::new(namespace).ok());
-            let member = place.and_then(|(_, member)| MemberName::new(member).ok());
+            let member = place.and_then(|(_, member)| Name::new(member).ok());
             let share = now.and_then(|register| keys::decode::<Share>(register.value));
             match (namespace, member, share) {
                 (Some(namespace), Some(member), Some(share)) => {
@@ -390,7 +414,7 @@ impl ViewCache {
 pub(crate) struct Holdings {
     by_task: BTreeMap<TaskId, Vec<AllocationId>>,
     /// The rejections of each task that ledgers remember, with the machine that rejected it.
-    rejections: BTreeMap<TaskId, Vec<(MemberName, Rejection)>>,
+    rejections: BTreeMap<TaskId, Vec<(Name, Rejection)>>,
 }
 
 impl Holdings {
@@ -421,7 +445,7 @@ impl Holdings {
     pub(crate) fn winner(
         &self,
         task: &TaskId,
-        is_live: impl Fn(&MemberName) -> bool,
+        is_live: impl Fn(&Name) -> bool,
     ) -> Option<&AllocationId> {
         self.by_task
             .get(task)?
@@ -431,7 +455,7 @@ impl Holdings {
     }
 
     /// The rejections of `task` that ledgers remember, with the machine that rejected it.
-    pub(crate) fn rejections(&self, task: &TaskId) -> &[(MemberName, Rejection)] {
+    pub(crate) fn rejections(&self, task: &TaskId) -> &[(Name, Rejection)] {
         self.rejections.get(task).map_or(&[], Vec::as_slice)
     }
 
@@ -530,8 +554,8 @@ mod tests {
     use crate::crdt::NodeId;
     use crate::sched::{Cluster, Resources, TaskGroup};
 
-    fn member(name: &str) -> MemberName {
-        MemberName::new(name).expect("valid")
+    fn member(name: &str) -> Name {
+        Name::new(name).expect("valid")
     }
 
     /// A cache refreshed after every step reads what a fresh read does.

@@ -4,10 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::crdt::{Delta, Replica};
-use crate::gossip::MemberName;
 use crate::sched::{
     Admitted, Allocation, ClusterView, Decision, JobSpec, Name, NodeRecord, Plan, QuotaSpec,
-    SchedError, Task, TaskId, ViewCache, admit, keys, plan,
+    SchedError, Task, TaskId, ViewCache, admission_round, keys, plan,
 };
 
 /// Scheduling over one replica's keyspace.
@@ -20,10 +19,9 @@ use crate::sched::{
 /// ```
 /// use std::collections::BTreeSet;
 /// use mantissa::crdt::{NodeId, Replica};
-/// use mantissa::gossip::MemberName;
 /// use mantissa::sched::{Cluster, JobSpec, Name, NodeRecord, Resources, TaskGroup};
 ///
-/// let member = |name: &str| MemberName::new(name).unwrap();
+/// let member = |name: &str| Name::new(name).unwrap();
 /// let (node, scheduler) = (member("node-a"), member("sched-1"));
 /// let live = BTreeSet::from([node.clone(), scheduler.clone()]);
 /// let mut at_node = Replica::new(NodeId(1));
@@ -104,7 +102,7 @@ impl<'r> Cluster<'r> {
     /// its next admission round. `None` when it had no record.
     pub fn deregister_node(
         &mut self,
-        node: &MemberName,
+        node: &Name,
         now_millis: u64,
     ) -> Result<Option<Delta>, SchedError> {
         Ok(self.replica.delete(keys::node(node), now_millis)?)
@@ -146,14 +144,14 @@ impl<'r> Cluster<'r> {
 
     /// The tasks waiting for a machine, given the `live` members: no live machine holds them or
     /// has an undecided claim for them.
-    pub fn pending_tasks(&self, live: &BTreeSet<MemberName>) -> Result<Vec<Task>, SchedError> {
+    pub fn pending_tasks(&self, live: &BTreeSet<Name>) -> Result<Vec<Task>, SchedError> {
         Ok(self.view()?.pending_tasks(live))
     }
 
     /// Every task held by a live machine, with the allocation that wins for it.
     pub fn allocations(
         &self,
-        live: &BTreeSet<MemberName>,
+        live: &BTreeSet<Name>,
     ) -> Result<BTreeMap<TaskId, Allocation>, SchedError> {
         let view = self.view()?;
         Ok(view.allocations(&view.live_nodes(live)))
@@ -162,19 +160,15 @@ impl<'r> Cluster<'r> {
     /// The allocations `node` wins, counting `node` as live: what it should run.
     pub fn node_allocations(
         &self,
-        node: &MemberName,
-        live: &BTreeSet<MemberName>,
+        node: &Name,
+        live: &BTreeSet<Name>,
     ) -> Result<Vec<Allocation>, SchedError> {
         Ok(self.view()?.node_allocations(node, live))
     }
 
     /// The decision `node` would take on the claims made on it, as this replica sees them: what
     /// it will write, once it holds the same state.
-    pub fn predict(
-        &self,
-        node: &MemberName,
-        live: &BTreeSet<MemberName>,
-    ) -> Result<Decision, SchedError> {
+    pub fn predict(&self, node: &Name, live: &BTreeSet<Name>) -> Result<Decision, SchedError> {
         Ok(self.view()?.predict(node, live))
     }
 
@@ -186,8 +180,8 @@ impl<'r> Cluster<'r> {
     /// claims left on dead machines. Registers the scheduler on its first round.
     pub fn plan(
         &mut self,
-        scheduler: &MemberName,
-        live: &BTreeSet<MemberName>,
+        scheduler: &Name,
+        live: &BTreeSet<Name>,
         now_millis: u64,
     ) -> Result<Plan, SchedError> {
         let cache = match &mut self.cache {
@@ -201,15 +195,15 @@ impl<'r> Cluster<'r> {
     /// decides the claims made on it, and records the outcome in its ledger.
     pub fn admit(
         &mut self,
-        node: &MemberName,
-        live: &BTreeSet<MemberName>,
+        node: &Name,
+        live: &BTreeSet<Name>,
         now_millis: u64,
     ) -> Result<Admitted, SchedError> {
         let cache = match &mut self.cache {
             Cache::Own(cache) => &mut **cache,
             Cache::Borrowed(cache) => &mut **cache,
         };
-        admit::admit(self.replica, cache, node, live, now_millis)
+        admission_round::admit(self.replica, cache, node, live, now_millis)
     }
 }
 
@@ -221,8 +215,8 @@ mod tests {
         Constraints, RejectReason, ReleaseCause, Resources, Strategy, TaskGroup, backoff_millis,
     };
 
-    fn member(name: &str) -> MemberName {
-        MemberName::new(name).expect("valid")
+    fn member(name: &str) -> Name {
+        Name::new(name).expect("valid")
     }
 
     fn name(text: &str) -> Name {
@@ -235,7 +229,7 @@ mod tests {
 
     /// Replicas named by member: nodes n1, n2, … and schedulers s1, s2, …
     struct World {
-        names: Vec<MemberName>,
+        names: Vec<Name>,
         replicas: Vec<Replica>,
     }
 
@@ -287,7 +281,7 @@ mod tests {
         }
     }
 
-    fn live(names: &[&str]) -> BTreeSet<MemberName> {
+    fn live(names: &[&str]) -> BTreeSet<Name> {
         names.iter().map(|n| member(n)).collect()
     }
 

@@ -5,7 +5,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::crdt::{Hlc, HlcClock, Key, Replica};
-use crate::gossip::MemberName;
 use crate::sched::{Name, TaskId};
 
 /// The prefix of every scheduling key. Only the scheduling API writes under it: clients' key-value
@@ -42,11 +41,11 @@ fn key(parts: &[&str]) -> Key {
     Key::new(parts.concat()).expect("keys built from validated names are short and non-empty")
 }
 
-pub(crate) fn node(node: &MemberName) -> Key {
+pub(crate) fn node(node: &Name) -> Key {
     key(&[NODES, node.as_str()])
 }
 
-pub(crate) fn scheduler(scheduler: &MemberName) -> Key {
+pub(crate) fn scheduler(scheduler: &Name) -> Key {
     key(&[SCHEDULERS, scheduler.as_str()])
 }
 
@@ -54,11 +53,11 @@ pub(crate) fn job(job: &Name) -> Key {
     key(&[JOBS, job.as_str()])
 }
 
-pub(crate) fn claim(node: &MemberName, task: &TaskId) -> Key {
+pub(crate) fn claim(node: &Name, task: &TaskId) -> Key {
     key(&[CLAIMS, node.as_str(), "/", &task.to_string()])
 }
 
-pub(crate) fn ledger(node: &MemberName) -> Key {
+pub(crate) fn ledger(node: &Name) -> Key {
     key(&[ALLOC, node.as_str()])
 }
 
@@ -66,7 +65,7 @@ pub(crate) fn quota(namespace: &Name) -> Key {
     key(&[QUOTAS, namespace.as_str()])
 }
 
-pub(crate) fn share(namespace: &Name, member: &MemberName) -> Key {
+pub(crate) fn share(namespace: &Name, member: &Name) -> Key {
     key(&[QUOTA_SHARES, namespace.as_str(), "/", member.as_str()])
 }
 
@@ -116,7 +115,7 @@ mod tests {
 
     #[test]
     fn claim_keys_nest_under_their_node() {
-        let node = MemberName::new("n1").expect("valid");
+        let node = Name::new("n1").expect("valid");
         let task = TaskId::parse("web/api/3").expect("valid");
         let key = claim(&node, &task);
         assert_eq!(key.as_bytes(), b"_sched/claims/n1/web/api/3");

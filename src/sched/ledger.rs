@@ -6,7 +6,6 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::crdt::Hlc;
-use crate::gossip::MemberName;
 use crate::sched::{Name, Resource, Resources, TaskId};
 
 /// The most allocations one machine's ledger holds; claims beyond are rejected with
@@ -23,7 +22,7 @@ pub struct Claim {
     /// The task instance.
     pub task: TaskId,
     /// The machine asked to run it.
-    pub node: MemberName,
+    pub node: Name,
     /// The job's namespace (for quotas).
     pub namespace: Name,
     /// What the task needs.
@@ -33,7 +32,7 @@ pub struct Claim {
     /// The timestamp of the claim's write: names the claim and orders it.
     pub at: Hlc,
     /// Who proposed it.
-    pub scheduler: MemberName,
+    pub scheduler: Name,
     /// Its place in the task's attempts: 0 for the first claim, then one more than the latest
     /// rejected attempt. Sets the backoff.
     pub attempt: u32,
@@ -65,7 +64,7 @@ pub struct AllocationId {
     /// When the machine admitted it.
     pub admitted_at: Hlc,
     /// The machine.
-    pub node: MemberName,
+    pub node: Name,
 }
 
 /// A task instance a machine admitted: an entry of its ledger.
@@ -74,7 +73,7 @@ pub struct Allocation {
     /// The task instance.
     pub task: TaskId,
     /// The machine running it.
-    pub node: MemberName,
+    pub node: Name,
     /// The job's namespace.
     pub namespace: Name,
     /// What it reserves on the machine.
@@ -84,7 +83,7 @@ pub struct Allocation {
     /// The claim it admitted ([`Claim::at`]).
     pub claim: Hlc,
     /// The scheduler that proposed it.
-    pub scheduler: MemberName,
+    pub scheduler: Name,
     /// When the machine admitted it (the timestamp of the ledger write that first held it).
     pub admitted_at: Hlc,
 }
@@ -167,7 +166,7 @@ pub struct Rejection {
     /// The rejected claim ([`Claim::at`]).
     pub claim: Hlc,
     /// The scheduler that proposed it.
-    pub scheduler: MemberName,
+    pub scheduler: Name,
     /// The claim's attempt number.
     pub attempt: u32,
     /// Why.
@@ -183,7 +182,7 @@ pub struct Rejection {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ledger {
     /// The machine; must match the key.
-    pub node: MemberName,
+    pub node: Name,
     /// Incremented by every write of the ledger.
     pub generation: u64,
     /// The capacity the admissions were checked against.
@@ -197,7 +196,7 @@ pub struct Ledger {
 
 impl Ledger {
     /// The ledger of a machine that has admitted nothing yet.
-    pub fn empty(node: MemberName) -> Self {
+    pub fn empty(node: Name) -> Self {
         Ledger {
             node,
             generation: 0,
@@ -240,7 +239,7 @@ impl Ledger {
     /// Whether the ledger keeps the rules its writer follows: it belongs to `node`, entries are
     /// sorted and unique, allocations name this machine, and they fit the recorded capacity.
     /// A value that breaks them was not written by mantissa and is ignored.
-    pub(crate) fn is_well_formed(&self, node: &MemberName) -> bool {
+    pub(crate) fn is_well_formed(&self, node: &Name) -> bool {
         let sorted_allocations = self.admitted.windows(2).all(|w| w[0].task < w[1].task);
         let sorted_rejections = self.rejected.windows(2).all(|w| w[0].task < w[1].task);
         self.node == *node
@@ -277,12 +276,12 @@ mod tests {
     fn claim(task: &str, priority: u32, at: Hlc, scheduler: &str) -> Claim {
         Claim {
             task: TaskId::parse(task).expect("valid"),
-            node: MemberName::new("n1").expect("valid"),
+            node: Name::new("n1").expect("valid"),
             namespace: Name::new("default").expect("valid"),
             resources: Resources::new(1, 1),
             priority,
             at,
-            scheduler: MemberName::new(scheduler).expect("valid"),
+            scheduler: Name::new(scheduler).expect("valid"),
             attempt: 0,
         }
     }
@@ -314,11 +313,11 @@ mod tests {
     fn the_earlier_admission_has_the_smaller_id() {
         let a = AllocationId {
             admitted_at: hlc(5, 2),
-            node: MemberName::new("z").expect("valid"),
+            node: Name::new("z").expect("valid"),
         };
         let b = AllocationId {
             admitted_at: hlc(6, 1),
-            node: MemberName::new("a").expect("valid"),
+            node: Name::new("a").expect("valid"),
         };
         assert!(a < b);
     }

@@ -10,13 +10,12 @@
 //! members ([`Escrow`]). [`Cluster`] is the API over a [`Replica`](crate::crdt::Replica); see
 //! `docs/scheduling.md` for the model, the keys and the guarantees.
 
-mod admission;
-mod admit;
+mod admission_round;
 mod cache;
+mod claim_decision;
 mod cluster;
 mod keys;
 mod ledger;
-mod name;
 mod placement;
 mod plan;
 mod quota;
@@ -24,11 +23,12 @@ mod rendezvous;
 mod resources;
 mod spec;
 mod status;
+mod task_id;
 mod view;
 
-pub use admission::{AdmissionContext, Decision, Rejected, resolve};
-pub use admit::{Admitted, Release, ReleaseCause};
+pub use admission_round::{Admitted, Release, ReleaseCause};
 pub use cache::ViewCache;
+pub use claim_decision::{AdmissionContext, Decision, Rejected, resolve};
 pub use cluster::Cluster;
 pub use keys::{
     ALLOC, CLAIMS, JOBS, NODES, QUOTA_SHARES, QUOTAS, RESERVED, SCHEDULERS, is_reserved,
@@ -37,7 +37,6 @@ pub use ledger::{
     Allocation, AllocationId, Claim, Ledger, MAX_REJECTIONS_KEPT, MAX_TASKS_PER_NODE, RejectReason,
     Rejection,
 };
-pub use name::{InvalidName, MAX_NAME_LEN, Name, TaskId};
 pub use placement::{Candidate, choose, fits};
 pub use plan::Plan;
 pub use quota::{Escrow, Grant, QuotaSpec, Request, Share};
@@ -47,9 +46,13 @@ pub use rendezvous::{
 pub use resources::{Resource, Resources};
 pub use spec::{Constraints, JobSpec, MAX_GROUP_COUNT, NodeRecord, Strategy, Task, TaskGroup};
 pub use status::{JobStatus, NodeStatus, TaskState, TaskStatus};
+pub use task_id::TaskId;
 pub use view::{ClusterView, SchedulerRecord};
 
-use crate::crdt::Key;
+/// Jobs, task groups, namespaces, machines and schedulers all go by the one validated name.
+pub use crate::crdt::Name;
+
+use crate::crdt::{InvalidName, Key};
 
 /// Why a scheduling operation failed. No failing operation changes the replica, except that a
 /// round ([`Cluster::plan`], [`Cluster::admit`]) keeps the writes it made before the failure.
@@ -72,9 +75,9 @@ pub enum SchedError {
     #[error("the record of node {node} can only be written by {node} itself, not by {me}")]
     NotOwner {
         /// The machine whose record it is.
-        node: crate::gossip::MemberName,
+        node: Name,
         /// The member that tried to write it.
-        me: crate::gossip::MemberName,
+        me: Name,
     },
     /// The namespace already has a quota.
     #[error("namespace {0} already has a quota")]

@@ -35,9 +35,8 @@ pub struct Candidate<'a> {
 /// ties go to the highest rendezvous weight of (task, machine), so equal machines share the load.
 ///
 /// ```
-/// use mantissa::gossip::MemberName;
 /// use mantissa::sched::{choose, Candidate, JobSpec, Name, NodeRecord, Resources, Strategy, TaskGroup};
-/// let record = |name: &str| NodeRecord::new(MemberName::new(name).unwrap(), Resources::new(1_000, 1_000));
+/// let record = |name: &str| NodeRecord::new(Name::new(name).unwrap(), Resources::new(1_000, 1_000));
 /// let (a, b) = (record("a"), record("b"));
 /// let candidate = |record, cpu| Candidate {
 ///     record, used: Resources::new(cpu, 0), group_tasks: 0, rejected_before: false, has_rights: true,
@@ -129,15 +128,11 @@ fn rank(task: &Task, candidate: &Candidate<'_>, spread: &BTreeMap<String, u32>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gossip::MemberName;
     use crate::sched::{Constraints, JobSpec, Name, TaskGroup};
 
     fn record(name: &str, cpu: u64, zone: &str) -> NodeRecord {
-        NodeRecord::new(
-            MemberName::new(name).expect("valid"),
-            Resources::new(cpu, 1_000),
-        )
-        .label("zone", zone)
+        NodeRecord::new(Name::new(name).expect("valid"), Resources::new(cpu, 1_000))
+            .label("zone", zone)
     }
 
     fn candidate(record: &NodeRecord, used_cpu: u64) -> Candidate<'_> {

@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::crdt::{Delta, Replica};
-use crate::gossip::MemberName;
 use crate::sched::cache::{Holdings, ViewCache};
 use crate::sched::{
     Candidate, Claim, ClusterView, MAX_GROUP_COUNT, Name, SchedError, SchedulerRecord, Task,
@@ -31,17 +30,17 @@ struct Loads<'v> {
     /// The live machines as placement sees them, kept up to date as the round claims.
     candidates: Vec<Candidate<'v>>,
     /// Where each live machine is in `candidates`.
-    slots: BTreeMap<&'v MemberName, usize>,
+    slots: BTreeMap<&'v Name, usize>,
     /// Tasks of each job and group admitted or claimed on each machine, by slot.
     groups: BTreeMap<Name, BTreeMap<Name, Vec<u32>>>,
     /// CPU millis of undecided claims per (namespace, machine), for quota rights.
-    claimed_cpu: BTreeMap<(Name, MemberName), u64>,
+    claimed_cpu: BTreeMap<(Name, Name), u64>,
     /// Rejections of each task, with the machine that rejected it, from every ledger.
     holdings: &'v Holdings,
 }
 
 impl<'v> Loads<'v> {
-    fn new(cache: &'v ViewCache, live_nodes: &BTreeSet<MemberName>) -> Self {
+    fn new(cache: &'v ViewCache, live_nodes: &BTreeSet<Name>) -> Self {
         let view = cache.current();
         let mut loads = Loads {
             view,
@@ -105,7 +104,7 @@ impl<'v> Loads<'v> {
     }
 
     /// Whether `node` holds quota rights for `task` beyond the claims already on it.
-    fn has_rights(&self, task: &Task, node: &MemberName) -> bool {
+    fn has_rights(&self, task: &Task, node: &Name) -> bool {
         let Some(escrow) = self.view.quotas.get(&task.namespace) else {
             return true;
         };
@@ -210,9 +209,9 @@ impl<'v> Loads<'v> {
 pub(crate) fn pending_tasks(
     view: &ClusterView,
     holdings: &Holdings,
-    live_nodes: &BTreeSet<MemberName>,
+    live_nodes: &BTreeSet<Name>,
 ) -> Vec<Task> {
-    let dead: BTreeSet<&MemberName> = view
+    let dead: BTreeSet<&Name> = view
         .ledgers
         .keys()
         .filter(|node| !live_nodes.contains(*node))
@@ -249,8 +248,8 @@ pub(crate) fn pending_tasks(
 pub(crate) fn plan(
     replica: &mut Replica,
     cache: &mut ViewCache,
-    scheduler: &MemberName,
-    live: &BTreeSet<MemberName>,
+    scheduler: &Name,
+    live: &BTreeSet<Name>,
     now_millis: u64,
 ) -> Result<Plan, SchedError> {
     cache.refresh(replica)?;
@@ -263,17 +262,17 @@ pub(crate) fn plan(
         let value = keys::encode(&record);
         deltas.push(replica.put(keys::scheduler(scheduler), value, now_millis)?);
     }
-    let mut schedulers: BTreeSet<&MemberName> = view
+    let mut schedulers: BTreeSet<&Name> = view
         .schedulers
         .iter()
         .filter(|member| live.contains(*member))
         .collect();
     schedulers.insert(scheduler);
-    let schedulers: Vec<&MemberName> = schedulers.into_iter().collect();
+    let schedulers: Vec<&Name> = schedulers.into_iter().collect();
     let live_nodes = view.live_nodes(live);
     let mut loads = Loads::new(cache, &live_nodes);
     // Claims left on machines that died would be admitted if they came back.
-    let mut on_dead: BTreeMap<&TaskId, Vec<&MemberName>> = BTreeMap::new();
+    let mut on_dead: BTreeMap<&TaskId, Vec<&Name>> = BTreeMap::new();
     for (dead, claims) in &view.claims {
         if !live_nodes.contains(dead) {
             for claim in claims {

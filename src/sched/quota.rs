@@ -16,7 +16,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::gossip::MemberName;
 use crate::sched::{Name, Put, SchedError, keys};
 
 /// A namespace's quota, stored under `quotas/<namespace>`. Create it once, before the first job
@@ -29,7 +28,7 @@ pub struct QuotaSpec {
     pub cpu_millis: u64,
     /// The members the rights start with, split evenly (the first in name order get the
     /// remainder). Rights move from them to whoever needs them.
-    pub holders: Vec<MemberName>,
+    pub holders: Vec<Name>,
 }
 
 /// One member's record for one namespace, stored under `quota-shares/<namespace>/<member>` and
@@ -41,7 +40,7 @@ pub struct Share {
     pub consumed: u64,
     /// What it gave to each other member, as running totals.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub grants: BTreeMap<MemberName, Grant>,
+    pub grants: BTreeMap<Name, Grant>,
     /// Its latest request for rights (open until its addressee answers it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<Request>,
@@ -62,7 +61,7 @@ pub struct Request {
     /// Increases with each new request of the same member.
     pub seq: u64,
     /// The member asked.
-    pub to: MemberName,
+    pub to: Name,
     /// CPU millis asked for.
     pub amount: u64,
 }
@@ -74,9 +73,8 @@ pub struct Request {
 ///
 /// ```
 /// use std::collections::BTreeSet;
-/// use mantissa::gossip::MemberName;
 /// use mantissa::sched::{Escrow, Name, QuotaSpec};
-/// let (a, b) = (MemberName::new("a").unwrap(), MemberName::new("b").unwrap());
+/// let (a, b) = (Name::new("a").unwrap(), Name::new("b").unwrap());
 /// let spec = QuotaSpec { namespace: Name::new("team").unwrap(), cpu_millis: 1_000, holders: vec![a.clone()] };
 /// let escrow = Escrow::new(spec, Default::default());
 /// let mut share = escrow.share(&a);
@@ -87,13 +85,13 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Escrow {
     spec: QuotaSpec,
-    shares: BTreeMap<MemberName, Share>,
+    shares: BTreeMap<Name, Share>,
 }
 
 impl QuotaSpec {
     /// The rights `member` starts with.
-    pub fn initial_rights(&self, member: &MemberName) -> u64 {
-        let holders: BTreeSet<&MemberName> = self.holders.iter().collect();
+    pub fn initial_rights(&self, member: &Name) -> u64 {
+        let holders: BTreeSet<&Name> = self.holders.iter().collect();
         let Some(position) = holders.iter().position(|holder| *holder == member) else {
             return 0;
         };
@@ -116,7 +114,7 @@ impl QuotaSpec {
 
 impl Escrow {
     /// The escrow of `spec` with these members' shares.
-    pub fn new(spec: QuotaSpec, shares: BTreeMap<MemberName, Share>) -> Self {
+    pub fn new(spec: QuotaSpec, shares: BTreeMap<Name, Share>) -> Self {
         Escrow { spec, shares }
     }
 
@@ -126,12 +124,12 @@ impl Escrow {
     }
 
     /// `member`'s share as this replica sees it (empty if it has none yet).
-    pub fn share(&self, member: &MemberName) -> Share {
+    pub fn share(&self, member: &Name) -> Share {
         self.shares.get(member).cloned().unwrap_or_default()
     }
 
     /// What every other member granted `member`, in total.
-    pub fn received(&self, member: &MemberName) -> u64 {
+    pub fn received(&self, member: &Name) -> u64 {
         self.shares
             .iter()
             .filter(|(giver, _)| *giver != member)
@@ -140,18 +138,18 @@ impl Escrow {
     }
 
     /// The rights `member` holds: its initial part plus what it received minus what it gave.
-    pub fn rights(&self, member: &MemberName) -> u64 {
+    pub fn rights(&self, member: &Name) -> u64 {
         self.rights_with(member, &self.share(member))
     }
 
     /// What `member` could still consume or give if its share were `share`.
-    pub fn spare(&self, member: &MemberName, share: &Share) -> u64 {
+    pub fn spare(&self, member: &Name, share: &Share) -> u64 {
         self.rights_with(member, share)
             .saturating_sub(share.consumed)
     }
 
     /// The rights `member` holds if its share were `share`.
-    fn rights_with(&self, member: &MemberName, share: &Share) -> u64 {
+    fn rights_with(&self, member: &Name, share: &Share) -> u64 {
         let given = share
             .grants
             .values()
@@ -163,12 +161,12 @@ impl Escrow {
     }
 
     /// What `member` consumes.
-    pub fn consumed(&self, member: &MemberName) -> u64 {
+    pub fn consumed(&self, member: &Name) -> u64 {
         self.shares.get(member).map_or(0, |share| share.consumed)
     }
 
     /// What `member` may still consume.
-    pub fn available(&self, member: &MemberName) -> u64 {
+    pub fn available(&self, member: &Name) -> u64 {
         self.rights(member).saturating_sub(self.consumed(member))
     }
 
@@ -185,7 +183,7 @@ impl Escrow {
     /// invariant rests on.
     pub fn set_consumed(
         &self,
-        member: &MemberName,
+        member: &Name,
         share: &mut Share,
         consumed: u64,
     ) -> Result<(), SchedError> {
@@ -203,12 +201,7 @@ impl Escrow {
 
     /// Consumes `amount` more for `member`, whose share is `share`; refused (and `share`
     /// unchanged) beyond its rights.
-    pub fn consume(
-        &self,
-        member: &MemberName,
-        share: &mut Share,
-        amount: u64,
-    ) -> Result<(), SchedError> {
+    pub fn consume(&self, member: &Name, share: &mut Share, amount: u64) -> Result<(), SchedError> {
         let total = share.consumed.saturating_add(amount);
         self.set_consumed(member, share, total)
     }
@@ -221,9 +214,9 @@ impl Escrow {
     /// The request `member` has open: made, and not yet answered by a live addressee.
     pub fn open_request<'a>(
         &self,
-        member: &MemberName,
+        member: &Name,
         share: &'a Share,
-        live: &BTreeSet<MemberName>,
+        live: &BTreeSet<Name>,
     ) -> Option<&'a Request> {
         let request = share.request.as_ref()?;
         let answered = self
@@ -239,10 +232,10 @@ impl Escrow {
     /// rights to spare.
     pub fn request(
         &self,
-        member: &MemberName,
+        member: &Name,
         share: &mut Share,
         amount: u64,
-        live: &BTreeSet<MemberName>,
+        live: &BTreeSet<Name>,
     ) -> bool {
         if amount == 0 || self.open_request(member, share, live).is_some() {
             return false;
@@ -271,10 +264,10 @@ impl Escrow {
     /// two needy members never trade rights back and forth. Returns the grants made.
     pub fn answer(
         &self,
-        member: &MemberName,
+        member: &Name,
         share: &mut Share,
-        live: &BTreeSet<MemberName>,
-    ) -> Vec<(MemberName, u64)> {
+        live: &BTreeSet<Name>,
+    ) -> Vec<(Name, u64)> {
         let needy = self.open_request(member, share, live).is_some();
         let mut granted = Vec::new();
         for (asker, theirs) in &self.shares {
@@ -303,7 +296,7 @@ impl Escrow {
     }
 
     /// The write that publishes `share` as `member`'s.
-    pub fn put(&self, member: &MemberName, share: &Share) -> Put {
+    pub fn put(&self, member: &Name, share: &Share) -> Put {
         Put {
             key: keys::share(&self.spec.namespace, member),
             value: keys::encode(share),
@@ -315,8 +308,8 @@ impl Escrow {
 mod tests {
     use super::*;
 
-    fn member(name: &str) -> MemberName {
-        MemberName::new(name).expect("valid")
+    fn member(name: &str) -> Name {
+        Name::new(name).expect("valid")
     }
 
     fn spec(limit: u64, holders: &[&str]) -> QuotaSpec {
@@ -327,7 +320,7 @@ mod tests {
         }
     }
 
-    fn live(names: &[&str]) -> BTreeSet<MemberName> {
+    fn live(names: &[&str]) -> BTreeSet<Name> {
         names.iter().map(|name| member(name)).collect()
     }
 

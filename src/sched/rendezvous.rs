@@ -1,8 +1,7 @@
 //! Who places a task, and when it may be tried again: rendezvous hashing over the live
 //! schedulers, and exponential backoff after rejections.
 
-use crate::gossip::MemberName;
-use crate::sched::TaskId;
+use crate::sched::{Name, TaskId};
 
 /// The delay before the first retry of a rejected task.
 pub const BACKOFF_BASE_MILLIS: u64 = 250;
@@ -55,10 +54,9 @@ fn fnv(hash: u64, byte: u8) -> u64 {
 /// scheduler joins or leaves only the tasks it wins or held move.
 ///
 /// ```
-/// use mantissa::gossip::MemberName;
-/// use mantissa::sched::{responsible, TaskId};
-/// let schedulers: Vec<MemberName> =
-///     ["s1", "s2", "s3"].iter().map(|s| MemberName::new(*s).unwrap()).collect();
+/// use mantissa::sched::{responsible, Name, TaskId};
+/// let schedulers: Vec<Name> =
+///     ["s1", "s2", "s3"].iter().map(|s| Name::new(*s).unwrap()).collect();
 /// let task = TaskId::parse("web/api/0").unwrap();
 /// let owner = responsible(&task, &schedulers).unwrap();
 /// let mut reversed = schedulers.clone();
@@ -67,8 +65,8 @@ fn fnv(hash: u64, byte: u8) -> u64 {
 /// ```
 pub fn responsible<'a>(
     task: &TaskId,
-    schedulers: impl IntoIterator<Item = &'a MemberName>,
-) -> Option<&'a MemberName> {
+    schedulers: impl IntoIterator<Item = &'a Name>,
+) -> Option<&'a Name> {
     let weigher = Weigher::new(task);
     schedulers
         .into_iter()
@@ -93,10 +91,10 @@ pub fn backoff_millis(attempt: u32) -> u64 {
 mod tests {
     use super::*;
 
-    fn members(names: &[&str]) -> Vec<MemberName> {
+    fn members(names: &[&str]) -> Vec<Name> {
         names
             .iter()
-            .map(|name| MemberName::new(*name).expect("valid"))
+            .map(|name| Name::new(*name).expect("valid"))
             .collect()
     }
 

@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::gossip::MemberName;
 use crate::sched::{Name, Resources, SchedError, TaskId};
 
 /// The most instances one task group may ask for.
@@ -13,16 +12,15 @@ pub const MAX_GROUP_COUNT: u32 = 10_000;
 /// A machine's offer, stored under `nodes/<name>`, written only by the machine itself.
 ///
 /// ```
-/// use mantissa::gossip::MemberName;
-/// use mantissa::sched::{NodeRecord, Resources};
-/// let node = NodeRecord::new(MemberName::new("node-a").unwrap(), Resources::new(4_000, 8 << 30))
+/// use mantissa::sched::{Name, NodeRecord, Resources};
+/// let node = NodeRecord::new(Name::new("node-a").unwrap(), Resources::new(4_000, 8 << 30))
 ///     .label("zone", "eu-1");
 /// assert_eq!(node.labels["zone"], "eu-1");
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// The member name of the machine; must match the key.
-    pub name: MemberName,
+    pub name: Name,
     /// What tasks may use in total.
     pub capacity: Resources,
     /// Attributes constraints select on (zone, rack, instance type).
@@ -32,7 +30,7 @@ pub struct NodeRecord {
 
 impl NodeRecord {
     /// A node without labels.
-    pub fn new(name: MemberName, capacity: Resources) -> Self {
+    pub fn new(name: Name, capacity: Resources) -> Self {
         NodeRecord {
             name,
             capacity,
@@ -263,7 +261,7 @@ mod tests {
 
     #[test]
     fn constraints_require_exact_labels() {
-        let node = NodeRecord::new(MemberName::new("n1").expect("valid"), Resources::default())
+        let node = NodeRecord::new(Name::new("n1").expect("valid"), Resources::default())
             .label("zone", "a");
         let mut constraints = Constraints::default();
         assert!(constraints.allows(&node));

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::gossip::MemberName;
 use crate::sched::{
     Allocation, Claim, ClusterView, JobSpec, Name, NodeRecord, Rejection, Resources, TaskId,
 };
@@ -30,7 +29,7 @@ pub enum TaskState {
         /// The latest rejection of it, if a machine refused it: why it still waits.
         last_rejection: Option<Rejection>,
         /// The machine that refused it.
-        rejected_by: Option<MemberName>,
+        rejected_by: Option<Name>,
     },
 }
 
@@ -77,7 +76,7 @@ pub struct NodeStatus {
 impl ClusterView {
     /// Where each task of `job` stands, given the `live` members; `None` when there is no such
     /// job.
-    pub fn job_status(&self, job: &Name, live: &BTreeSet<MemberName>) -> Option<JobStatus> {
+    pub fn job_status(&self, job: &Name, live: &BTreeSet<Name>) -> Option<JobStatus> {
         let spec = self.jobs.get(job)?;
         let live_nodes = self.live_nodes(live);
         let held = self.allocations(&live_nodes);
@@ -125,7 +124,7 @@ impl ClusterView {
     }
 
     /// Every registered machine, in name order, given the `live` members.
-    pub fn node_statuses(&self, live: &BTreeSet<MemberName>) -> Vec<NodeStatus> {
+    pub fn node_statuses(&self, live: &BTreeSet<Name>) -> Vec<NodeStatus> {
         self.nodes
             .values()
             .map(|record| {
@@ -142,7 +141,7 @@ impl ClusterView {
     }
 
     /// The most recent rejection of `task` by any machine, with that machine.
-    fn last_rejection(&self, task: &TaskId) -> Option<(MemberName, Rejection)> {
+    fn last_rejection(&self, task: &TaskId) -> Option<(Name, Rejection)> {
         self.ledgers
             .iter()
             .filter_map(|(node, ledger)| Some((node, ledger.rejection(task)?)))
@@ -157,8 +156,8 @@ mod tests {
     use crate::crdt::{NodeId, Replica};
     use crate::sched::{Cluster, RejectReason, TaskGroup};
 
-    fn member(name: &str) -> MemberName {
-        MemberName::new(name).expect("valid")
+    fn member(name: &str) -> Name {
+        Name::new(name).expect("valid")
     }
 
     fn name(text: &str) -> Name {
@@ -167,7 +166,7 @@ mod tests {
 
     /// Machine n1 (1 CPU) offers itself, job `web` asks for `count` tasks of 0.4 CPU, and
     /// scheduler s1 plans once.
-    fn planned(replica: &mut Replica, count: u32) -> (MemberName, BTreeSet<MemberName>) {
+    fn planned(replica: &mut Replica, count: u32) -> (Name, BTreeSet<Name>) {
         let (node, scheduler) = (member("n1"), member("s1"));
         let live = BTreeSet::from([node.clone(), scheduler.clone()]);
         let mut cluster = Cluster::new(replica);

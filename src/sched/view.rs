@@ -6,18 +6,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::crdt::{Key, Replica};
-use crate::gossip::MemberName;
 use crate::sched::cache::ViewCache;
 use crate::sched::{
     Allocation, Claim, Decision, Escrow, JobSpec, Ledger, MAX_GROUP_COUNT, Name, NodeRecord,
-    SchedError, Task, TaskGroup, TaskId, admit,
+    SchedError, Task, TaskGroup, TaskId, admission_round,
 };
 
 /// What a scheduler writes under `schedulers/<member>` to take part in placement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SchedulerRecord {
     /// The scheduler's member name; must match the key.
-    pub name: MemberName,
+    pub name: Name,
 }
 
 /// Every scheduling record of one replica, parsed.
@@ -27,15 +26,15 @@ pub struct SchedulerRecord {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterView {
     /// Node records, by node.
-    pub nodes: BTreeMap<MemberName, NodeRecord>,
+    pub nodes: BTreeMap<Name, NodeRecord>,
     /// Registered schedulers.
-    pub schedulers: BTreeSet<MemberName>,
+    pub schedulers: BTreeSet<Name>,
     /// Job specs, by job.
     pub jobs: BTreeMap<Name, JobSpec>,
     /// Ledgers, by node.
-    pub ledgers: BTreeMap<MemberName, Ledger>,
+    pub ledgers: BTreeMap<Name, Ledger>,
     /// Claims, by the node they are made on, in key order.
-    pub claims: BTreeMap<MemberName, Vec<Claim>>,
+    pub claims: BTreeMap<Name, Vec<Claim>>,
     /// Quotas, by namespace.
     pub quotas: BTreeMap<Name, Escrow>,
     /// Keys under the scheduling prefixes whose value was left out.
@@ -61,7 +60,7 @@ impl ClusterView {
     }
 
     /// The registered nodes among `live`.
-    pub fn live_nodes(&self, live: &BTreeSet<MemberName>) -> BTreeSet<MemberName> {
+    pub fn live_nodes(&self, live: &BTreeSet<Name>) -> BTreeSet<Name> {
         self.nodes
             .keys()
             .filter(|node| live.contains(*node))
@@ -72,7 +71,7 @@ impl ClusterView {
     /// For each task admitted on one of `live_nodes`, the winning allocation: the one with the
     /// smallest [`AllocationId`](crate::sched::AllocationId) (the earliest admission). The others
     /// are released by their machines at their next admission round.
-    pub fn allocations(&self, live_nodes: &BTreeSet<MemberName>) -> BTreeMap<TaskId, Allocation> {
+    pub fn allocations(&self, live_nodes: &BTreeSet<Name>) -> BTreeMap<TaskId, Allocation> {
         let mut winners: BTreeMap<TaskId, Allocation> = BTreeMap::new();
         for node in live_nodes {
             let Some(ledger) = self.ledgers.get(node) else {
@@ -91,11 +90,7 @@ impl ClusterView {
     }
 
     /// The allocations `node` wins, counting `node` as live: what it should run.
-    pub fn node_allocations(
-        &self,
-        node: &MemberName,
-        live: &BTreeSet<MemberName>,
-    ) -> Vec<Allocation> {
+    pub fn node_allocations(&self, node: &Name, live: &BTreeSet<Name>) -> Vec<Allocation> {
         let mut live = live.clone();
         live.insert(node.clone());
         self.allocations(&self.live_nodes(&live))
@@ -106,12 +101,12 @@ impl ClusterView {
 
     /// The decision `node` would take on the claims made on it, as this view shows them: the
     /// one it takes when its own replica holds the same writes.
-    pub fn predict(&self, node: &MemberName, live: &BTreeSet<MemberName>) -> Decision {
-        admit::predict(self, node, live)
+    pub fn predict(&self, node: &Name, live: &BTreeSet<Name>) -> Decision {
+        admission_round::predict(self, node, live)
     }
 
     /// The claims on `node` that its ledger has not decided yet.
-    pub fn undecided_claims<'a>(&'a self, node: &MemberName) -> impl Iterator<Item = &'a Claim> {
+    pub fn undecided_claims<'a>(&'a self, node: &Name) -> impl Iterator<Item = &'a Claim> {
         let ledger = self.ledgers.get(node);
         self.claims
             .get(node)
@@ -136,7 +131,7 @@ impl ClusterView {
 
     /// The tasks the jobs ask for that no live node holds and no live node has an undecided
     /// claim for, in placement order (priority, highest first, then task).
-    pub fn pending_tasks(&self, live: &BTreeSet<MemberName>) -> Vec<Task> {
+    pub fn pending_tasks(&self, live: &BTreeSet<Name>) -> Vec<Task> {
         let live_nodes = self.live_nodes(live);
         // Tasks are compared as borrowed (job, group, index) so that only pending ones are built.
         let mut taken: BTreeSet<(&Name, &Name, u32)> = BTreeSet::new();

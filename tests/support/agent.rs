@@ -738,7 +738,7 @@ impl WatchStream {
         reader.get_mut().write_all(&head)?;
         let (status, headers) = read_head(&mut reader)?;
         if status != 200 {
-            let body = read_body(&mut reader, &headers, "GET").unwrap_or_default();
+            let body = read_body(&mut reader, status, &headers, "GET", false).unwrap_or_default();
             return Err(io::Error::other(format!(
                 "status {status}: {}",
                 String::from_utf8_lossy(&body)
@@ -980,7 +980,7 @@ fn write_head(
 
 fn read_response(reader: &mut BufReader<TcpStream>, method: &str) -> io::Result<Response> {
     let (status, headers) = read_head(reader)?;
-    let body = read_body(reader, &headers, method)?;
+    let body = read_body(reader, status, &headers, method, false)?;
     Ok(Response {
         status,
         headers,
@@ -988,15 +988,16 @@ fn read_response(reader: &mut BufReader<TcpStream>, method: &str) -> io::Result<
     })
 }
 
-/// Reads the status line and headers (skipping any 1xx answers).
-fn read_head(reader: &mut impl BufRead) -> io::Result<(u16, Vec<(String, String)>)> {
+/// Reads the status line and headers (skipping any 1xx answers), strictly, since the HTTP fuzzer
+/// reads every answer with it too: a malformed head is an `InvalidData` error, not a guess.
+pub fn read_head(reader: &mut impl BufRead) -> io::Result<(u16, Vec<(String, String)>)> {
     loop {
         let line = read_line(reader)?;
         let status = line
-            .split(' ')
-            .nth(1)
+            .strip_prefix("HTTP/1.")
+            .and_then(|rest| rest.get(2..5))
             .and_then(|code| code.parse::<u16>().ok())
-            .ok_or_else(|| bad_data(format!("bad status line {line:?}")))?;
+            .ok_or_else(|| bad_data(format!("a bad status line {line:?}")))?;
         let mut headers = Vec::new();
         loop {
             let line = read_line(reader)?;
@@ -1005,7 +1006,7 @@ fn read_head(reader: &mut impl BufRead) -> io::Result<(u16, Vec<(String, String)
             }
             let (name, value) = line
                 .split_once(':')
-                .ok_or_else(|| bad_data(format!("bad header line {line:?}")))?;
+                .ok_or_else(|| bad_data(format!("a bad header line {line:?}")))?;
             headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
         }
         if !(100..200).contains(&status) {
@@ -1014,13 +1015,18 @@ fn read_head(reader: &mut impl BufRead) -> io::Result<(u16, Vec<(String, String)
     }
 }
 
-fn read_body(
+/// Reads the body of an answer with `status` to `method`: none for HEAD, 204 and 304; else
+/// chunked, by length, or to the end of the stream. With `first_chunk_only` (a watch, which never
+/// ends) it stops after the first chunk, and reads nothing from a stream without a length.
+pub fn read_body(
     reader: &mut impl BufRead,
+    status: u16,
     headers: &[(String, String)],
     method: &str,
+    first_chunk_only: bool,
 ) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
-    if method == "HEAD" {
+    if method == "HEAD" || status == 204 || status == 304 {
         return Ok(body);
     }
     if is_chunked(headers) {
@@ -1034,19 +1040,26 @@ fn read_body(
             body.resize(start + size, 0);
             reader.read_exact(&mut body[start..])?;
             expect_crlf(reader)?;
+            if first_chunk_only {
+                return Ok(body);
+            }
         }
     }
     let length = headers
         .iter()
         .find(|(name, _)| name == "content-length")
-        .map(|(_, value)| value.parse::<usize>())
-        .transpose()
-        .map_err(|_| bad_data("bad content-length".to_owned()))?;
+        .map(|(_, value)| {
+            value
+                .parse::<usize>()
+                .map_err(|_| bad_data(format!("a bad content-length {value:?}")))
+        })
+        .transpose()?;
     match length {
         Some(length) => {
             body.resize(length, 0);
             reader.read_exact(&mut body)?;
         }
+        None if first_chunk_only => {}
         None => {
             reader.read_to_end(&mut body)?;
         }
@@ -1069,7 +1082,7 @@ fn closes(headers: &[(String, String)]) -> bool {
 fn read_chunk_size(reader: &mut impl BufRead) -> io::Result<usize> {
     let line = read_line(reader)?;
     let digits = line.split(';').next().unwrap_or("").trim();
-    usize::from_str_radix(digits, 16).map_err(|_| bad_data(format!("bad chunk size {line:?}")))
+    usize::from_str_radix(digits, 16).map_err(|_| bad_data(format!("a bad chunk size {line:?}")))
 }
 
 fn skip_trailers(reader: &mut impl BufRead) -> io::Result<()> {
@@ -1088,19 +1101,31 @@ fn expect_crlf(reader: &mut impl BufRead) -> io::Result<()> {
     }
 }
 
-/// One line without its CRLF; an error at end of stream.
+/// One line without its line ending, capped at 64 KiB (far more than any head line): an
+/// `UnexpectedEof` error at the end of the stream, `InvalidData` for a line the stream cut off or
+/// that is not UTF-8.
 fn read_line(reader: &mut impl BufRead) -> io::Result<String> {
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
+    let mut line = Vec::new();
+    let read = Read::take(&mut *reader, 64 * 1024).read_until(b'\n', &mut line)?;
+    if read == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "connection closed",
         ));
     }
-    while line.ends_with(['\r', '\n']) {
+    if line.last() != Some(&b'\n') {
+        return Err(bad_data(format!(
+            "a line without an end: {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    while line
+        .last()
+        .is_some_and(|byte| matches!(byte, b'\r' | b'\n'))
+    {
         line.pop();
     }
-    Ok(line)
+    String::from_utf8(line).map_err(|err| bad_data(format!("a line not UTF-8: {err}")))
 }
 
 fn bad_data(message: String) -> io::Error {

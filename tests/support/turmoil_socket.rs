@@ -182,11 +182,8 @@ struct CidGenerator(u64);
 
 impl quinn::ConnectionIdGenerator for CidGenerator {
     fn generate_cid(&mut self) -> quinn::ConnectionId {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        quinn::ConnectionId::new(&(z ^ (z >> 31)).to_le_bytes())
+        let id = crate::rng::splitmix64(&mut self.0);
+        quinn::ConnectionId::new(&id.to_le_bytes())
     }
 
     fn cid_len(&self) -> usize {

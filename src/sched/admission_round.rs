@@ -4,9 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::crdt::{Delta, Hlc, Replica};
-use crate::gossip::MemberName;
-use crate::sched::admission::refit;
 use crate::sched::cache::{Holdings, ViewCache};
+use crate::sched::claim_decision::refit;
 use crate::sched::{
     AdmissionContext, Allocation, AllocationId, Claim, ClusterView, Decision, Escrow, Ledger, Name,
     NodeRecord, Put, RejectReason, Rejection, SchedError, TaskId, keys, resolve,
@@ -71,10 +70,10 @@ impl<'v> Round<'v> {
     fn new(
         view: &'v ClusterView,
         holdings: &Holdings,
-        node: &MemberName,
-        live: &BTreeSet<MemberName>,
+        node: &Name,
+        live: &BTreeSet<Name>,
     ) -> Round<'v> {
-        let is_live = |member: &MemberName| {
+        let is_live = |member: &Name| {
             view.nodes.contains_key(member) && (member == node || live.contains(member))
         };
         let record = view.nodes.get(node).cloned();
@@ -263,10 +262,10 @@ fn claimed_cpu(claims: &[Claim], namespace: &Name) -> u64 {
 /// down).
 fn share_writes(
     escrow: &Escrow,
-    node: &MemberName,
+    node: &Name,
     usage: u64,
     refused: u64,
-    live: &BTreeSet<MemberName>,
+    live: &BTreeSet<Name>,
 ) -> Result<(Option<Put>, Option<Put>), SchedError> {
     let mut share = escrow.share(node);
     let before = share.clone();
@@ -288,11 +287,7 @@ fn share_writes(
 
 /// The decision `node` would take now, computed from `view`: the same one it takes if its own
 /// replica holds the same state.
-pub(crate) fn predict(
-    view: &ClusterView,
-    node: &MemberName,
-    live: &BTreeSet<MemberName>,
-) -> Decision {
+pub(crate) fn predict(view: &ClusterView, node: &Name, live: &BTreeSet<Name>) -> Decision {
     Round::new(view, &Holdings::of(view.ledgers.values()), node, live).decide()
 }
 
@@ -312,8 +307,8 @@ fn has_siblings(replica: &Replica, key: &crate::crdt::Key) -> Result<bool, Sched
 pub(crate) fn admit(
     replica: &mut Replica,
     cache: &mut ViewCache,
-    node: &MemberName,
-    live: &BTreeSet<MemberName>,
+    node: &Name,
+    live: &BTreeSet<Name>,
     now_millis: u64,
 ) -> Result<Admitted, SchedError> {
     cache.refresh_for(replica, node)?;

@@ -1,78 +1,10 @@
-//! Names of scheduling objects: jobs, task groups, namespaces, and the task instances they make.
+//! Task instances: the `index`-th task of a group in a job, and its one spelling.
 
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The longest [`Name`], in bytes.
-pub const MAX_NAME_LEN: usize = 63;
-
-/// The name of a job, a task group or a namespace.
-///
-/// 1 to 63 bytes of lowercase ASCII letters, digits, `-`, `_` and `.`, starting with a letter or a
-/// digit. Never a `/`, so a name is one segment of a key.
-///
-/// ```
-/// use mantissa::sched::Name;
-/// assert!(Name::new("web-frontend").is_ok());
-/// assert!(Name::new("web/frontend").is_err());
-/// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct Name(String);
-
-/// Why a name or a task id was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid name {name:?}: use 1-63 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
-)]
-pub struct InvalidName {
-    /// The refused text.
-    pub name: String,
-}
-
-impl Name {
-    /// Validates `name`.
-    pub fn new(name: impl Into<String>) -> Result<Self, InvalidName> {
-        let name = name.into();
-        let valid_char = |c: char| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.'
-        };
-        let valid = !name.is_empty()
-            && name.len() <= MAX_NAME_LEN
-            && name.chars().all(valid_char)
-            && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
-        if valid {
-            Ok(Name(name))
-        } else {
-            Err(InvalidName { name })
-        }
-    }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
-
-impl fmt::Display for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Name {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        Name::new(name).map_err(serde::de::Error::custom)
-    }
-}
+use crate::crdt::{InvalidName, Name};
 
 /// One task instance: the `index`-th task of `group` in `job`, written `job/group/index`.
 ///
@@ -150,18 +82,6 @@ impl<'de> Deserialize<'de> for TaskId {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_are_one_key_segment() {
-        assert!(Name::new("a").is_ok());
-        assert!(Name::new("db_1.prod-eu").is_ok());
-        assert!(Name::new("").is_err());
-        assert!(Name::new("-a").is_err());
-        assert!(Name::new("A").is_err());
-        assert!(Name::new("a/b").is_err());
-        assert!(Name::new("a".repeat(MAX_NAME_LEN)).is_ok());
-        assert!(Name::new("a".repeat(MAX_NAME_LEN + 1)).is_err());
-    }
 
     #[test]
     fn task_ids_have_one_spelling() {

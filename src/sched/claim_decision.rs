@@ -1,5 +1,6 @@
-//! Admission: how a machine decides the claims made on it. A pure function, so any replica can
-//! predict a machine's decision from the same state before the machine confirms it.
+//! How a machine decides the claims made on it ([`resolve`]): a pure function, so any replica
+//! can predict a machine's decision from the same state before the machine confirms it. The round
+//! that reads the state and writes the decision is `admission_round.rs`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,10 +46,9 @@ pub struct Rejected {
 /// quota rights cover its CPU. A claim that does not fit does not block smaller ones after it.
 ///
 /// ```
-/// use mantissa::gossip::MemberName;
 /// use mantissa::crdt::{Hlc, NodeId};
 /// use mantissa::sched::{resolve, AdmissionContext, Claim, Name, NodeRecord, RejectReason, Resources, TaskId};
-/// let node = MemberName::new("node-a").unwrap();
+/// let node = Name::new("node-a").unwrap();
 /// let record = NodeRecord::new(node.clone(), Resources::new(1_000, 1 << 30));
 /// let claim = |task: &str, cpu: u64, millis: u64| Claim {
 ///     task: TaskId::parse(task).unwrap(),
@@ -57,7 +57,7 @@ pub struct Rejected {
 ///     resources: Resources::new(cpu, 0),
 ///     priority: 0,
 ///     at: Hlc { millis, logical: 0, node: NodeId(1) },
-///     scheduler: MemberName::new("s1").unwrap(),
+///     scheduler: Name::new("s1").unwrap(),
 ///     attempt: 0,
 /// };
 /// let decision = resolve(
@@ -158,10 +158,9 @@ pub(crate) fn refit(
 mod tests {
     use super::*;
     use crate::crdt::{Hlc, NodeId};
-    use crate::gossip::MemberName;
 
-    fn member(name: &str) -> MemberName {
-        MemberName::new(name).expect("valid")
+    fn member(name: &str) -> Name {
+        Name::new(name).expect("valid")
     }
 
     fn hlc(millis: u64) -> Hlc {
