@@ -27,6 +27,14 @@ pub enum Error {
         expected: crate::crdt::Kind,
         found: Kind,
     },
+    /// A counter addition would carry the counter past the range of an `i64`; nothing was
+    /// written.
+    #[error("counter {key:?} is {value}: adding {amount} would overflow a 64-bit integer")]
+    CounterOverflow {
+        key: String,
+        value: i64,
+        amount: i64,
+    },
     /// The write would change nothing (for instance, a set add without elements).
     #[error("nothing to write")]
     NothingToWrite,

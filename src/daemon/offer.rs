@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::daemon::config::{ConfigError, FileConfig};
 use crate::gossip::MemberName;
+pub use crate::sched::parse_size;
 use crate::sched::{NodeRecord, Resources};
 
 /// The agent's scheduling flags.
@@ -185,37 +186,6 @@ impl OfferSettings {
         record.labels = self.labels.clone();
         record
     }
-}
-
-/// Parses `1234`, `512MiB`, `8GiB`, `16G`, `100k` (decimal and binary units, any case).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| "expected a size such as 8GiB, 512MiB or a number of bytes".to_owned())?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?}; use B, KiB, MiB, GiB, TiB, K, M, G or T"
-            ));
-        }
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| "too large".to_owned())
 }
 
 fn split_pair(text: &str) -> Result<(&str, &str), &'static str> {
