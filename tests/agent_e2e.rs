@@ -938,3 +938,53 @@ fn the_cli_watch_resumes_after_lagged_from_its_last_cursor() {
     assert!(keys == expected, "every change once, in order: {stderr}");
     assert!(stderr.contains("resuming from cursor"), "{stderr}");
 }
+
+/// An agent whose stderr is a pipe nobody reads any more (a log shipper that died) keeps
+/// running and shuts down cleanly: a log line it cannot write is dropped, not a panic (101).
+#[test]
+fn an_agent_with_a_closed_stderr_pipe_runs_and_exits_cleanly() {
+    use std::process::{Command, Stdio};
+
+    let cluster = Cluster::new(BINARY, "closed-stderr");
+    let http = agent::free_port();
+    let gossip = agent::free_port();
+    let mut child = Command::new(BINARY)
+        .args(["agent", "--dev", "--http", &http.to_string()])
+        .args(["--bind", &gossip.to_string()])
+        .current_dir(cluster.root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the agent");
+    // The reader goes away at once: every write to stderr fails with a broken pipe.
+    drop(child.stderr.take());
+    let healthy = eventually(
+        "the agent answers /v1/health or exits",
+        PATIENCE,
+        Duration::from_millis(50),
+        || {
+            if let Some(status) = child.try_wait().expect("poll") {
+                return Some(Err(status));
+            }
+            agent::request_once(http, "GET", "/v1/health", b"")
+                .ok()
+                .filter(|response| response.status == 200)
+                .map(Ok)
+        },
+    );
+    assert!(healthy.is_ok(), "the agent exited: {healthy:?}");
+    let pid = child.id().to_string();
+    let signalled = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(signalled.success());
+    let status = eventually(
+        "the agent exits",
+        PATIENCE,
+        Duration::from_millis(50),
+        || child.try_wait().expect("poll"),
+    );
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

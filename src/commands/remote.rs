@@ -2,7 +2,7 @@
 //! (or one stream) to the agent at `--addr`.
 
 use std::ffi::OsString;
-use std::io::Read;
+use std::io::{Read, Write as _};
 use std::os::unix::ffi::OsStringExt;
 use std::time::Duration;
 
@@ -384,7 +384,10 @@ async fn watch(
         match watch_once(client, prefix, &mut last, json).await? {
             WatchEnd::Lagged { message, .. } if last.is_some() && last != resumed_from => {
                 let cursor = last.expect("checked above");
-                eprintln!("watch lagged ({message}); resuming from cursor {cursor}");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "watch lagged ({message}); resuming from cursor {cursor}"
+                );
                 resumed_from = last;
             }
             WatchEnd::Lagged { message, line } | WatchEnd::Error { message, line } => {

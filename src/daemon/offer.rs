@@ -26,7 +26,7 @@ pub struct SchedulingFlags {
     pub offer: bool,
 
     /// With --scheduler: places tasks on other machines only.
-    #[arg(long)]
+    #[arg(long, env = "MANTISSA_NO_OFFER")]
     pub no_offer: bool,
 
     /// The CPU this machine offers, in millis (1000 = one core) [default: the cores this
@@ -39,12 +39,24 @@ pub struct SchedulingFlags {
     #[arg(long, env = "MANTISSA_MEMORY", value_name = "SIZE")]
     pub memory: Option<String>,
 
-    /// A label task groups can require, KEY=VALUE, e.g. zone=eu-1 (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
+    /// A label task groups can require, KEY=VALUE, e.g. zone=eu-1 (repeatable; the variable
+    /// takes a comma-separated list).
+    #[arg(
+        long = "label",
+        env = "MANTISSA_LABEL",
+        value_name = "KEY=VALUE",
+        value_delimiter = ','
+    )]
     pub labels: Vec<String>,
 
-    /// A custom resource this machine offers, NAME=AMOUNT, e.g. gpu=2 (repeatable).
-    #[arg(long = "resource", value_name = "NAME=AMOUNT")]
+    /// A custom resource this machine offers, NAME=AMOUNT, e.g. gpu=2 (repeatable; the variable
+    /// takes a comma-separated list).
+    #[arg(
+        long = "resource",
+        env = "MANTISSA_RESOURCE",
+        value_name = "NAME=AMOUNT",
+        value_delimiter = ','
+    )]
     pub resources: Vec<String>,
 }
 

@@ -1014,3 +1014,27 @@ async fn a_counter_at_the_top_of_its_range_refuses_to_overflow() {
         i64::MAX - 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_spec_is_taken_whatever_content_type_curl_declares() {
+    let server = Server::single("node-a").await;
+    let spec = json!({
+        "name": "web",
+        "groups": [{ "name": "api", "count": 1, "resources": { "cpu_millis": 100 } }]
+    });
+    // `curl -d` declares application/x-www-form-urlencoded unless told otherwise.
+    let reply = server
+        .send(
+            Method::POST,
+            "/v1/jobs",
+            Some("application/x-www-form-urlencoded"),
+            spec.to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.json()["job"], "web");
+    let not_json = server
+        .send(Method::POST, "/v1/jobs", Some("text/plain"), "name=web")
+        .await;
+    not_json.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
+}
