@@ -2,6 +2,7 @@
 
 mod commands;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -169,7 +170,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(failure) => {
-            eprintln!("error: {}", failure.message);
+            // Not `eprintln!`: it panics (exit 101) when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "error: {}", failure.message);
             ExitCode::from(failure.code)
         }
     }
@@ -229,5 +231,37 @@ mod tests {
         };
         assert_eq!(flags.join, ["a:1", "b:2", "c:3"]);
         assert!(flags.dev);
+    }
+
+    #[test]
+    fn every_agent_flag_has_an_environment_variable() {
+        let command = Cli::command();
+        let agent = command.find_subcommand("agent").expect("an agent command");
+        let missing: Vec<String> = agent
+            .get_arguments()
+            .filter(|arg| !matches!(arg.get_id().as_str(), "help" | "version"))
+            .filter(|arg| arg.get_env().is_none())
+            .map(|arg| arg.get_id().to_string())
+            .collect();
+        assert!(missing.is_empty(), "flags without a variable: {missing:?}");
+    }
+
+    #[test]
+    fn labels_and_resources_come_from_comma_separated_variables() {
+        // SAFETY: this test alone reads or writes these variables.
+        unsafe {
+            std::env::set_var("MANTISSA_LABEL", "zone=eu-1,rack=r7");
+            std::env::set_var("MANTISSA_RESOURCE", "gpu=2");
+        }
+        let cli = Cli::try_parse_from(["mantissa", "agent", "--offer"]).unwrap();
+        unsafe {
+            std::env::remove_var("MANTISSA_LABEL");
+            std::env::remove_var("MANTISSA_RESOURCE");
+        }
+        let Command::Agent(flags) = cli.command else {
+            panic!()
+        };
+        assert_eq!(flags.scheduling.labels, ["zone=eu-1", "rack=r7"]);
+        assert_eq!(flags.scheduling.resources, ["gpu=2"]);
     }
 }

@@ -883,3 +883,129 @@ fn stdout(output: &std::process::Output) -> String {
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// `kv watch --from` a cursor further back than a watcher's backlog: the agent cuts the watch
+/// off as `lagged`, and the CLI resumes from the last cursor it printed, saying so on stderr,
+/// until every change has been printed once.
+#[test]
+fn the_cli_watch_resumes_after_lagged_from_its_last_cursor() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let cluster = Cluster::start(BINARY, "watch-lagged", 1);
+    // More changes than a watcher's backlog (4,096), replayed at once from cursor 0.
+    const WRITES: u64 = 6_000;
+    let mut connection = HttpConnection::new(cluster.agent(0).http);
+    for i in 0..WRITES {
+        let response = connection
+            .request("PUT", &format!("/v1/kv/lag/{i:05}"), b"x")
+            .expect("put");
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    let mut child = Command::new(BINARY)
+        .args([
+            "--addr",
+            &cluster.url(0),
+            "kv",
+            "watch",
+            "lag/",
+            "--from",
+            "0",
+        ])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the watch");
+    let stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut keys = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(key) = line
+                .split_whitespace()
+                .find(|word| word.starts_with("lag/"))
+            {
+                keys.push(key.to_owned());
+                if keys.len() as u64 == WRITES {
+                    break;
+                }
+            }
+        }
+        keys
+    });
+    let deadline = Instant::now() + PATIENCE;
+    while !reader.is_finished() && Instant::now() < deadline {
+        if child.try_wait().expect("poll").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exited = child.try_wait().expect("poll");
+    let _ = child.kill();
+    let _ = child.wait();
+    let keys = reader.join().expect("reader");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
+        .expect("stderr");
+    assert!(
+        exited.is_none(),
+        "the watch exited ({exited:?}) after {} of {WRITES} changes: {stderr}",
+        keys.len()
+    );
+    let expected: Vec<String> = (0..WRITES).map(|i| format!("lag/{i:05}")).collect();
+    assert_eq!(keys.len(), expected.len(), "{stderr}");
+    assert!(keys == expected, "every change once, in order: {stderr}");
+    assert!(stderr.contains("resuming from cursor"), "{stderr}");
+}
+
+/// An agent whose stderr is a pipe nobody reads any more (a log shipper that died) keeps
+/// running and shuts down cleanly: a log line it cannot write is dropped, not a panic (101).
+#[test]
+fn an_agent_with_a_closed_stderr_pipe_runs_and_exits_cleanly() {
+    use std::process::{Command, Stdio};
+
+    let cluster = Cluster::new(BINARY, "closed-stderr");
+    let http = agent::free_port();
+    let gossip = agent::free_port();
+    let mut child = Command::new(BINARY)
+        .args(["agent", "--dev", "--http", &http.to_string()])
+        .args(["--bind", &gossip.to_string()])
+        .current_dir(cluster.root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the agent");
+    // The reader goes away at once: every write to stderr fails with a broken pipe.
+    drop(child.stderr.take());
+    let healthy = eventually(
+        "the agent answers /v1/health or exits",
+        PATIENCE,
+        Duration::from_millis(50),
+        || {
+            if let Some(status) = child.try_wait().expect("poll") {
+                return Some(Err(status));
+            }
+            agent::request_once(http, "GET", "/v1/health", b"")
+                .ok()
+                .filter(|response| response.status == 200)
+                .map(Ok)
+        },
+    );
+    assert!(healthy.is_ok(), "the agent exited: {healthy:?}");
+    let pid = child.id().to_string();
+    let signalled = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(signalled.success());
+    let status = eventually(
+        "the agent exits",
+        PATIENCE,
+        Duration::from_millis(50),
+        || child.try_wait().expect("poll"),
+    );
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

@@ -189,3 +189,80 @@ fn the_cli_refuses_bad_job_specs_and_reserved_keys() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no job nope"));
 }
+
+/// What an operator reads: `node ls` shows the named resources a machine offers and uses, a
+/// task that fits on no machine says why, a spec's `memory_bytes` takes a size like `--memory`,
+/// and a misspelt field is refused by name.
+#[test]
+fn the_cli_shows_named_resources_and_why_a_task_fits_nowhere() {
+    let mut cluster = Cluster::new(BINARY, "scheduling-explain");
+    cluster.add_node(NodeSpec {
+        extra_args: [
+            "--scheduler",
+            "--cpu-millis",
+            "2000",
+            "--memory",
+            "4GiB",
+            "--resource",
+            "gpu=2",
+            "--label",
+            "zone=eu-1",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        ..NodeSpec::default()
+    });
+    cluster.wait_formed();
+    let addr = format!("http://{}", cluster.agent(0).http);
+    let spec = cluster.root().join("web.toml");
+    fs::write(
+        &spec,
+        "name = \"web\"\n\n\
+         [[groups]]\nname = \"gpu\"\ncount = 1\n\
+         resources = { cpu_millis = 100, memory_bytes = \"1GiB\", custom = { gpu = 1 } }\n\n\
+         [[groups]]\nname = \"mars\"\ncount = 1\n\
+         resources = { cpu_millis = 100, memory_bytes = 1024 }\n\
+         constraints = { labels = { zone = \"mars\" } }\n",
+    )
+    .expect("write");
+    let spec = spec.display().to_string();
+    let output = cluster.run(&["--addr", &addr, "job", "run", "--detach", &spec]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let why = eventually(
+        "the gpu task is admitted and the mars task says why it waits",
+        PATIENCE,
+        Duration::from_millis(200),
+        || {
+            let output = cluster.run(&["--addr", &addr, "job", "status", "web"]);
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            let gpu = text
+                .lines()
+                .any(|l| l.contains("web/gpu/0") && l.contains("admitted"));
+            (gpu && text.contains("no label zone=mars")).then_some(text)
+        },
+    );
+    assert!(why.contains("fits on no live machine"), "{why}");
+    let output = cluster.run(&["--addr", &addr, "node", "ls"]);
+    let nodes = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        nodes.contains("RESOURCES") && nodes.contains("gpu=1/2"),
+        "{nodes}"
+    );
+
+    let typo = cluster.root().join("typo.json");
+    fs::write(
+        &typo,
+        r#"{"name": "web", "prority": 10, "groups": [{"name": "api", "count": 1,
+            "resources": {"cpu_millis": 1}}]}"#,
+    )
+    .expect("write");
+    let typo = typo.display().to_string();
+    let output = cluster.run(&["--addr", &addr, "job", "run", &typo]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("prority"), "{stderr}");
+}

@@ -1,5 +1,6 @@
 //! `mantissa agent`: resolves the configuration, sets up logging and runs the daemon.
 
+use std::io::Write as _;
 use std::time::Duration;
 
 use mantissa::daemon::agent;
@@ -24,7 +25,8 @@ pub fn run(flags: AgentFlags) -> Result<(), Failure> {
         };
         let started = agent::start(config).await.map_err(failure)?;
         if let Some(banner) = started.dev_banner() {
-            println!("{banner}");
+            // Not `println!`: it panics when stdout is a closed pipe.
+            let _ = writeln!(std::io::stdout(), "{banner}");
         }
         started.serve(shutdown).await.map_err(failure)
     });

@@ -283,7 +283,10 @@ fn job_status(body: &Json) -> String {
                         field(task, "rejected_by"),
                         reason(&rejection["reason"])
                     ),
-                    _ => "waiting for a node".to_owned(),
+                    _ => match task.get("fits_nowhere").and_then(Json::as_str) {
+                        Some(why) => why.to_owned(),
+                        None => "waiting for a scheduler to place it".to_owned(),
+                    },
                 },
             };
             [field(task, "task"), state, detail]
@@ -320,7 +323,7 @@ fn jobs(body: &Json) -> String {
 }
 
 fn nodes(body: &Json) -> String {
-    let rows: Vec<[String; 6]> = array(body, "nodes")
+    let rows: Vec<[String; 7]> = array(body, "nodes")
         .map(|node| {
             let record = &node["record"];
             let capacity = &record["capacity"];
@@ -355,14 +358,38 @@ fn nodes(body: &Json) -> String {
                     size(capacity.get("memory_bytes"))
                 ),
                 field(node, "allocations"),
+                custom(used, capacity),
                 labels,
             ]
         })
         .collect();
     table(
-        &["NAME", "STATUS", "CPU", "MEMORY", "TASKS", "LABELS"],
+        &[
+            "NAME",
+            "STATUS",
+            "CPU",
+            "MEMORY",
+            "TASKS",
+            "RESOURCES",
+            "LABELS",
+        ],
         &rows,
     )
+}
+
+/// The named resources a node offers, each as used/offered: `gpu=1/2,licence=0/5`.
+fn custom(used: &Json, capacity: &Json) -> String {
+    let Some(offered) = capacity.get("custom").and_then(Json::as_object) else {
+        return String::new();
+    };
+    offered
+        .iter()
+        .map(|(name, amount)| {
+            let taken = used["custom"].get(name).and_then(Json::as_u64).unwrap_or(0);
+            format!("{name}={taken}/{}", amount.as_u64().unwrap_or(0))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn allocations(body: &Json) -> String {

@@ -2,7 +2,7 @@
 //! (or one stream) to the agent at `--addr`.
 
 use std::ffi::OsString;
-use std::io::Read;
+use std::io::{Read, Write as _};
 use std::os::unix::ffi::OsStringExt;
 use std::time::Duration;
 
@@ -117,7 +117,8 @@ pub enum KvCommand {
     /// Prints every change to keys under PREFIX as it happens, until interrupted.
     ///
     /// Each line starts with the change's cursor; `--from CURSOR` resumes after it (cursors are
-    /// local to the agent that printed them).
+    /// local to the agent that printed them). If the agent cuts the watch off for falling
+    /// behind (`lagged`), it reconnects from the last cursor printed and says so on stderr.
     ///
     /// Example: `mantissa kv watch jobs/`; `mantissa kv watch '' --from 42`
     Watch {
@@ -366,37 +367,99 @@ fn print(reply: &Reply, show: &Show, json: bool) -> Result<(), Failure> {
 }
 
 /// Streams a watch to stdout until the server ends it or the process is interrupted.
+///
+/// When the agent cuts the watch off as `lagged` (this reader fell more than a backlog behind),
+/// it reconnects from the last cursor it printed, says so on stderr, and goes on: nothing is
+/// lost or repeated, since a cursor names exactly what came before it. It gives up only if a
+/// resumed watch lags again without delivering anything.
 async fn watch(
     client: &Client,
     prefix: &str,
     from: Option<u64>,
     json: bool,
 ) -> Result<(), Failure> {
-    let mut stream = client.watch(prefix, from).await.map_err(failure)?;
+    let mut last = from;
+    let mut resumed_from = None;
+    loop {
+        match watch_once(client, prefix, &mut last, json).await? {
+            WatchEnd::Lagged { message, .. } if last.is_some() && last != resumed_from => {
+                let cursor = last.expect("checked above");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "watch lagged ({message}); resuming from cursor {cursor}"
+                );
+                resumed_from = last;
+            }
+            WatchEnd::Lagged { message, line } | WatchEnd::Error { message, line } => {
+                if json {
+                    emit_line(&line);
+                }
+                return Err(Failure::failed(format!("watch ended: {message}")));
+            }
+            WatchEnd::Closed => {
+                return Err(Failure::failed("watch ended: the agent closed the stream"));
+            }
+        }
+    }
+}
+
+/// How one watch connection ended.
+enum WatchEnd {
+    /// The agent cut the reader off for falling behind; it may resume from its last cursor.
+    Lagged { message: String, line: String },
+    /// The agent ended the stream with another error.
+    Error { message: String, line: String },
+    /// The stream ended without a last line.
+    Closed,
+}
+
+/// Streams one watch connection from `*last`, keeping `*last` at the last cursor seen (an
+/// event's or a heartbeat's).
+async fn watch_once(
+    client: &Client,
+    prefix: &str,
+    last: &mut Option<u64>,
+    json: bool,
+) -> Result<WatchEnd, Failure> {
+    let mut stream = client.watch(prefix, *last).await.map_err(failure)?;
     while let Some(line) = stream.next_line().await.map_err(failure)? {
         let parsed: Option<serde_json::Value> = serde_json::from_str(&line).ok();
         let error = parsed
             .as_ref()
             .and_then(|value| value.get("error"))
             .map(|error| {
-                error
+                let message = error
                     .get("message")
                     .and_then(serde_json::Value::as_str)
-                    .map_or_else(|| error.to_string(), str::to_owned)
+                    .map_or_else(|| error.to_string(), str::to_owned);
+                let lagged =
+                    error.get("code").and_then(serde_json::Value::as_str) == Some("lagged");
+                (lagged, message)
             });
+        // The last line, an error, is printed only if the watch does not resume after it.
+        if let Some((lagged, message)) = error {
+            return Ok(if lagged {
+                WatchEnd::Lagged { message, line }
+            } else {
+                WatchEnd::Error { message, line }
+            });
+        }
         if json {
             emit_line(&line);
-        } else if let Some(parsed) = &parsed
-            && error.is_none()
-            && let Some(text) = output::event(parsed)
-        {
+        } else if let Some(text) = parsed.as_ref().and_then(output::event) {
             emit_line(&text);
         }
-        if let Some(message) = error {
-            return Err(Failure::failed(format!("watch ended: {message}")));
+        let cursor = parsed.as_ref().and_then(|value| {
+            value
+                .get("cursor")
+                .or_else(|| value.get("heartbeat"))
+                .and_then(serde_json::Value::as_u64)
+        });
+        if cursor.is_some() {
+            *last = cursor;
         }
     }
-    Err(Failure::failed("watch ended: the agent closed the stream"))
+    Ok(WatchEnd::Closed)
 }
 
 /// `1 element`, `2 elements`.

@@ -38,6 +38,17 @@ pub enum Error {
         /// The type the key holds.
         found: Kind,
     },
+    /// A counter addition would carry the counter past the range of an `i64`; nothing was
+    /// written.
+    #[error("counter {key:?} is {value}: adding {amount} would overflow a 64-bit integer")]
+    CounterOverflow {
+        /// The counter's key, as text.
+        key: String,
+        /// Its value as this replica sees it.
+        value: i64,
+        /// The refused addition.
+        amount: i64,
+    },
     /// The write would change nothing (for instance, a set add without elements).
     #[error("nothing to write")]
     NothingToWrite,

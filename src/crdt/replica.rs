@@ -332,9 +332,31 @@ impl Replica {
     }
 
     /// Adds `amount` (negative to subtract) to the counter at `key`, creating it at zero.
+    ///
+    /// [`Error::CounterOverflow`] when the counter as this replica sees it would leave the range
+    /// of an `i64` (or this replica's own running total of additions would): the write is
+    /// refused rather than clamped, so an acknowledged addition is never silently dropped.
+    /// Concurrent additions at other replicas can still carry the merged total past the range;
+    /// reads then clamp it to `i64::MIN..=i64::MAX`.
     pub fn counter_add(&mut self, key: Key, amount: i64, now_millis: u64) -> Result<Delta, Error> {
         let node = self.node;
+        let name = key.to_string();
         self.write(key, Some(Kind::Counter), now_millis, |entry, _| {
+            let total: i128 = entry
+                .of_kind(Kind::Counter)
+                .map(|item| match item.body {
+                    Body::Counter { up, down } => i128::from(up) - i128::from(down),
+                    _ => 0,
+                })
+                .sum();
+            let overflow = || Error::CounterOverflow {
+                key: name.clone(),
+                value: total.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
+                amount,
+            };
+            if i64::try_from(total + i128::from(amount)).is_err() {
+                return Err(overflow());
+            }
             let own = entry
                 .of_kind(Kind::Counter)
                 .find(|item| item.dot.node == node);
@@ -346,12 +368,14 @@ impl Replica {
                 }) => (*up, *down, vec![*dot]),
                 _ => (0, 0, Vec::new()),
             };
+            // Each side is a running total that only grows; past i64::MAX it would no longer
+            // round-trip through a read, so the addition is refused like an overflowing total.
             let limit = i64::MAX as u64;
-            if amount >= 0 {
-                up = up.saturating_add(amount.unsigned_abs()).min(limit);
-            } else {
-                down = down.saturating_add(amount.unsigned_abs()).min(limit);
-            }
+            let side = if amount >= 0 { &mut up } else { &mut down };
+            *side = side
+                .checked_add(amount.unsigned_abs())
+                .filter(|sum| *sum <= limit)
+                .ok_or_else(overflow)?;
             Ok((vec![Body::Counter { up, down }], observed))
         })
     }
@@ -916,6 +940,34 @@ mod tests {
             Some(other) => panic!("{name} holds {other:?}"),
             None => None,
         }
+    }
+
+    #[test]
+    fn a_counter_addition_past_the_range_is_refused_not_clamped() {
+        let mut replica = Replica::new(NodeId(1));
+        replica.counter_add(key("c"), i64::MAX, 1).unwrap();
+        let err = replica.counter_add(key("c"), 1, 2).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::CounterOverflow {
+                value: i64::MAX,
+                amount: 1,
+                ..
+            }
+        ));
+        assert_eq!(
+            replica.version().get(NodeId(1)),
+            1,
+            "a refused addition uses no dot"
+        );
+        replica.counter_add(key("c"), -i64::MAX, 3).unwrap();
+        assert_eq!(replica.get(&key("c")).unwrap(), Some(Value::Counter(0)));
+        // The running total of additions is at its limit even though the value is 0.
+        let err = replica.counter_add(key("c"), 1, 4).unwrap_err();
+        assert!(matches!(err, Error::CounterOverflow { value: 0, .. }));
+        let mut fresh = Replica::new(NodeId(2));
+        assert!(fresh.counter_add(key("d"), i64::MIN, 1).is_err());
+        assert_eq!(fresh.get(&key("d")).unwrap(), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::io::{self, IsTerminal};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::pem::PemObject;
@@ -81,7 +82,10 @@ pub fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(io::stderr().is_terminal())
-        .with_writer(io::stderr);
+        .with_writer(io::stderr)
+        // Its own report of a failed write is an `eprintln!`, which panics when stderr is a
+        // closed pipe: a log line that cannot be written is dropped instead.
+        .log_internal_errors(false);
     // A subscriber already installed (by a test, say) keeps logging; that is fine.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -159,9 +163,14 @@ pub async fn start(config: AgentConfig) -> Result<Started, AgentError> {
         .await
         .map_err(|err| start_error(err, &config))?;
     log_started(&handle, &config, http_addr, &seeds, prepared.advertise_note).await;
-    let dev_banner = config
-        .dev
-        .then(|| dev_banner(handle.name().as_str(), http_addr, handle.addr()));
+    let dev_banner = config.dev.then(|| {
+        dev_banner(
+            handle.name().as_str(),
+            http_addr,
+            handle.addr(),
+            config.data_dir.as_deref(),
+        )
+    });
     let scheduler = match start_scheduler(&handle, &config, capacity).await {
         Ok(scheduler) => scheduler,
         Err(err) => {
@@ -224,7 +233,21 @@ pub fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static
 }
 
 /// The text a `--dev` agent prints once it is up: where it listens and how to try it.
-pub fn dev_banner(name: &str, http: SocketAddr, gossip: SocketAddr) -> String {
+pub fn dev_banner(
+    name: &str,
+    http: SocketAddr,
+    gossip: SocketAddr,
+    data_dir: Option<&Path>,
+) -> String {
+    let kept = match data_dir {
+        Some(dir) => format!("data kept in {}", dir.display()),
+        None => "in memory".to_owned(),
+    };
+    let nothing_kept = if data_dir.is_some() {
+        ""
+    } else {
+        " (nothing is kept)"
+    };
     let shown = if http.ip().is_unspecified() {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), http.port())
     } else {
@@ -237,8 +260,8 @@ pub fn dev_banner(name: &str, http: SocketAddr, gossip: SocketAddr) -> String {
         format!(" --addr {url}")
     };
     format!(
-        "mantissa agent --dev: node {name:?}, in memory, with throwaway certificates \
-         (nothing is kept)\n\
+        "mantissa agent --dev: node {name:?}, {kept}, with throwaway certificates\
+         {nothing_kept}\n\
          \x20 HTTP API  {url}\n\
          \x20 gossip    {gossip} (QUIC, mutual TLS)\n\
          \n\
@@ -771,11 +794,25 @@ mod tests {
     }
 
     #[test]
+    fn a_dev_banner_with_a_data_dir_does_not_say_in_memory() {
+        let banner = dev_banner(
+            "dev",
+            "127.0.0.1:7700".parse().unwrap(),
+            "127.0.0.1:7701".parse().unwrap(),
+            Some(Path::new("/var/lib/mantissa")),
+        );
+        let first = banner.lines().next().unwrap();
+        assert!(first.contains("data kept in /var/lib/mantissa"), "{first}");
+        assert!(!banner.contains("in memory") && !banner.contains("nothing is kept"));
+    }
+
+    #[test]
     fn dev_banner_shows_how_to_try_it() {
         let banner = dev_banner(
             "dev",
             "127.0.0.1:7700".parse().unwrap(),
             "127.0.0.1:7701".parse().unwrap(),
+            None,
         );
         assert!(banner.contains("curl http://127.0.0.1:7700/v1/kv/greeting"));
         assert!(banner.contains("  mantissa kv put greeting hello"));
@@ -783,6 +820,7 @@ mod tests {
             "dev",
             "0.0.0.0:8000".parse().unwrap(),
             "127.0.0.1:7701".parse().unwrap(),
+            None,
         );
         assert!(banner.contains("mantissa --addr http://127.0.0.1:8000 kv get greeting"));
     }

@@ -49,7 +49,7 @@ pub const DEFAULT_DEV_NODE_ID: &str = "dev";
 pub struct AgentFlags {
     /// Runs a throwaway single node: in memory, with certificates generated at start,
     /// gossip on 127.0.0.1:7701 and the HTTP API on 127.0.0.1:7700.
-    #[arg(long)]
+    #[arg(long, env = "MANTISSA_DEV")]
     pub dev: bool,
 
     /// Reads settings from this TOML file (same names as the flags, with `_`: `data_dir`, `join =

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::daemon::config::{ConfigError, FileConfig};
 use crate::gossip::MemberName;
+pub use crate::sched::parse_size;
 use crate::sched::{NodeRecord, Resources};
 
 /// The agent's scheduling flags.
@@ -25,7 +26,7 @@ pub struct SchedulingFlags {
     pub offer: bool,
 
     /// With --scheduler: places tasks on other machines only.
-    #[arg(long)]
+    #[arg(long, env = "MANTISSA_NO_OFFER")]
     pub no_offer: bool,
 
     /// The CPU this machine offers, in millis (1000 = one core) [default: the cores this
@@ -38,12 +39,24 @@ pub struct SchedulingFlags {
     #[arg(long, env = "MANTISSA_MEMORY", value_name = "SIZE")]
     pub memory: Option<String>,
 
-    /// A label task groups can require, KEY=VALUE, e.g. zone=eu-1 (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
+    /// A label task groups can require, KEY=VALUE, e.g. zone=eu-1 (repeatable; the variable
+    /// takes a comma-separated list).
+    #[arg(
+        long = "label",
+        env = "MANTISSA_LABEL",
+        value_name = "KEY=VALUE",
+        value_delimiter = ','
+    )]
     pub labels: Vec<String>,
 
-    /// A custom resource this machine offers, NAME=AMOUNT, e.g. gpu=2 (repeatable).
-    #[arg(long = "resource", value_name = "NAME=AMOUNT")]
+    /// A custom resource this machine offers, NAME=AMOUNT, e.g. gpu=2 (repeatable; the variable
+    /// takes a comma-separated list).
+    #[arg(
+        long = "resource",
+        env = "MANTISSA_RESOURCE",
+        value_name = "NAME=AMOUNT",
+        value_delimiter = ','
+    )]
     pub resources: Vec<String>,
 }
 
@@ -185,37 +198,6 @@ impl OfferSettings {
         record.labels = self.labels.clone();
         record
     }
-}
-
-/// Parses `1234`, `512MiB`, `8GiB`, `16G`, `100k` (decimal and binary units, any case).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| "expected a size such as 8GiB, 512MiB or a number of bytes".to_owned())?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?}; use B, KiB, MiB, GiB, TiB, K, M, G or T"
-            ));
-        }
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| "too large".to_owned())
 }
 
 fn split_pair(text: &str) -> Result<(&str, &str), &'static str> {

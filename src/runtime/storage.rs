@@ -425,13 +425,48 @@ fn read_file(
     // An existing file is read without being modified first, so a damaged one is refused as it
     // is. Only a file that was not closed cleanly (a crash) must be opened for writing to be
     // repaired before it can be read.
-    let exists = std::fs::metadata(path).is_ok_and(|meta| meta.len() > 0);
+    // A new data directory is one without the file. A file that is there but empty (truncated
+    // to nothing, or a stray `touch`) is damage like any other: starting empty from it would
+    // silently lose everything the node held.
+    let exists = match std::fs::metadata(path) {
+        Ok(meta) if meta.len() == 0 => {
+            return Err(corrupted(
+                path,
+                "the file is empty (0 bytes): whatever it held is gone; a new node starts from \
+                 a data directory without the file"
+                    .into(),
+            ));
+        }
+        Ok(_) => true,
+        Err(_) => false,
+    };
     let checked = if exists {
         match redb::Builder::new()
             .set_cache_size(PAGE_CACHE_BYTES)
             .open_read_only(path)
         {
-            Ok(db) => Some(read_state(&db, path, config)?),
+            Ok(db) => {
+                // A redb file some other program wrote has tables, none of them ours. (One with
+                // no table at all is ours, from a start that stopped before its first commit.)
+                let bad = |err: &dyn std::fmt::Display| corrupted(path, err.to_string());
+                let txn = db.begin_read().map_err(|err| bad(&err))?;
+                let tables: Vec<String> = txn
+                    .list_tables()
+                    .map_err(|err| bad(&err))?
+                    .map(|table| redb::TableHandle::name(&table).to_owned())
+                    .collect();
+                drop(txn);
+                if !tables.is_empty() && !tables.iter().any(|name| name == "meta") {
+                    let found = tables.join(", ");
+                    return Err(corrupted(
+                        path,
+                        format!(
+                            "not a mantissa data file: it holds the tables {found} and no meta"
+                        ),
+                    ));
+                }
+                Some(read_state(&db, path, config)?)
+            }
             Err(redb::DatabaseError::RepairAborted) => None,
             Err(err) => return Err(open_error(path, err)),
         }
@@ -766,5 +801,54 @@ mod tests {
         );
         storage.close();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Opens the data file in `dir` after `damage` wrote it, without and then with
+    /// `discard_corrupt`: refused first, moved aside second.
+    fn refused_then_moved_aside(name: &str, damage: impl FnOnce(&Path)) -> String {
+        let dir = scratch(name);
+        std::fs::create_dir_all(&dir).expect("create the directory");
+        damage(&dir.join(DATA_FILE));
+        let refused = Storage::open(
+            &StorageConfig::new(&dir),
+            ReplicaConfig::default(),
+            NodeId(1),
+        );
+        let Err(StorageError::Corrupted { reason, .. }) = refused else {
+            panic!("{name}: expected Corrupted, got {:?}", refused.map(|_| ()));
+        };
+        let mut config = StorageConfig::new(&dir);
+        config.discard_corrupt = true;
+        let (storage, _) =
+            Storage::open(&config, ReplicaConfig::default(), NodeId(1)).expect("moved aside");
+        storage.close();
+        let _ = std::fs::remove_dir_all(&dir);
+        reason
+    }
+
+    #[test]
+    fn an_empty_data_file_is_refused_like_other_damage() {
+        let reason = refused_then_moved_aside("empty", |file| {
+            std::fs::write(file, b"").expect("write");
+        });
+        assert!(reason.contains("empty"), "{reason}");
+    }
+
+    #[test]
+    fn a_foreign_file_is_refused_like_other_damage() {
+        refused_then_moved_aside("foreign-bytes", |file| {
+            std::fs::write(file, b"# not a database\n".repeat(500)).expect("write");
+        });
+        let reason = refused_then_moved_aside("foreign-redb", |file| {
+            let db = Database::create(file).expect("create");
+            let txn = db.begin_write().expect("begin");
+            let table: TableDefinition<&str, &str> = TableDefinition::new("accounts");
+            txn.open_table(table)
+                .expect("open")
+                .insert("alice", "10")
+                .expect("insert");
+            txn.commit().expect("commit");
+        });
+        assert!(reason.contains("not a mantissa data file"), "{reason}");
     }
 }

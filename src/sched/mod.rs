@@ -43,7 +43,7 @@ pub use quota::{Escrow, Grant, QuotaSpec, Request, Share};
 pub use rendezvous::{
     BACKOFF_BASE_MILLIS, BACKOFF_MAX_MILLIS, backoff_millis, responsible, weight,
 };
-pub use resources::{Resource, Resources};
+pub use resources::{Resource, Resources, parse_size};
 pub use spec::{Constraints, JobSpec, MAX_GROUP_COUNT, NodeRecord, Strategy, Task, TaskGroup};
 pub use status::{JobStatus, NodeStatus, TaskState, TaskStatus};
 pub use task_id::TaskId;

@@ -21,6 +21,7 @@ use crate::sched::{Name, Put, SchedError, keys};
 /// A namespace's quota, stored under `quotas/<namespace>`. Create it once, before the first job
 /// of the namespace: admissions whose claims do not causally follow it do not count against it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QuotaSpec {
     /// The namespace; must match the key.
     pub namespace: Name,

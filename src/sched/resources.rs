@@ -21,12 +21,14 @@ use serde::{Deserialize, Serialize};
 /// );
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Resources {
     /// Thousandths of a CPU core.
     #[serde(default)]
     pub cpu_millis: u64,
-    /// Bytes of memory.
-    #[serde(default)]
+    /// Bytes of memory: a number, or in a spec also a size such as `"512MiB"` or `"8GiB"` (the
+    /// agent's `--memory` takes the same), so a spec and the flags read alike.
+    #[serde(default, deserialize_with = "bytes_or_size")]
     pub memory_bytes: u64,
     /// Named resources (GPUs, ports, licences), as whole units.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -143,6 +145,63 @@ impl fmt::Display for Resource {
             Resource::Custom(name) => f.write_str(name),
         }
     }
+}
+
+/// Parses `1234`, `512MiB`, `8GiB`, `16G`, `100k` (decimal and binary units, any case).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| "expected a size such as 8GiB, 512MiB or a number of bytes".to_owned())?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?}; use B, KiB, MiB, GiB, TiB, K, M, G or T"
+            ));
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| "too large".to_owned())
+}
+
+/// Reads a number of bytes, or a size string such as `"8GiB"` (see [`parse_size`]).
+fn bytes_or_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = u64;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+            formatter.write_str("a number of bytes or a size such as \"512MiB\" or \"8GiB\"")
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> Result<u64, E> {
+            Ok(bytes)
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> Result<u64, E> {
+            u64::try_from(bytes)
+                .map_err(|_| E::custom(format!("a size cannot be negative: {bytes}")))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<u64, E> {
+            parse_size(text).map_err(|reason| E::custom(format!("size {text:?}: {reason}")))
+        }
+    }
+    deserializer.deserialize_any(Visitor)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub const MAX_GROUP_COUNT: u32 = 10_000;
 /// assert_eq!(node.labels["zone"], "eu-1");
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NodeRecord {
     /// The member name of the machine; must match the key.
     pub name: Name,
@@ -60,6 +61,7 @@ pub enum Strategy {
 
 /// Where a task group's tasks may run.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Constraints {
     /// Labels a machine must carry, with these exact values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -81,6 +83,7 @@ impl Constraints {
 
 /// A set of identical tasks within a job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TaskGroup {
     /// Unique within the job.
     pub name: Name,
@@ -106,6 +109,7 @@ pub struct TaskGroup {
 /// job.validate().unwrap();
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// The job's name; must match the key.
     pub name: Name,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::sched::{
-    Allocation, Claim, ClusterView, JobSpec, Name, NodeRecord, Rejection, Resources, TaskId,
+    Allocation, Claim, ClusterView, JobSpec, Name, NodeRecord, Rejection, Resources, Task, TaskId,
 };
 
 /// Where one task instance stands.
@@ -30,6 +30,10 @@ pub enum TaskState {
         last_rejection: Option<Rejection>,
         /// The machine that refused it.
         rejected_by: Option<Name>,
+        /// Why no live machine can take it now, resource by resource and label by label, when
+        /// none can; absent when one can (a scheduler has yet to claim it, or is backing off).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        fits_nowhere: Option<String>,
     },
 }
 
@@ -113,6 +117,7 @@ impl ClusterView {
                 TaskState::Pending {
                     last_rejection,
                     rejected_by,
+                    fits_nowhere: self.fits_nowhere(&task, &live_nodes),
                 }
             };
             status.tasks.push(TaskStatus {
@@ -138,6 +143,51 @@ impl ClusterView {
                 }
             })
             .collect()
+    }
+
+    /// Why `task` fits on none of `live_nodes` as their ledgers stand, counting the machines
+    /// per reason (`"fits on no live machine: no label zone=mars (2 machines); too little gpu
+    /// offered (1 machine)"`); `None` when one fits.
+    fn fits_nowhere(&self, task: &Task, live_nodes: &BTreeSet<Name>) -> Option<String> {
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for record in live_nodes.iter().filter_map(|node| self.nodes.get(node)) {
+            let missing = task
+                .constraints
+                .labels
+                .iter()
+                .find(|(key, value)| record.labels.get(*key) != Some(*value));
+            let reason = if let Some((key, value)) = missing {
+                format!("no label {key}={value}")
+            } else {
+                let used = self
+                    .ledgers
+                    .get(&record.name)
+                    .map(|ledger| ledger.used())
+                    .unwrap_or_default();
+                let short = record.capacity.shortfall(&used, &task.resources)?;
+                let at_all = record
+                    .capacity
+                    .shortfall(&Resources::default(), &task.resources)
+                    .is_some();
+                if at_all {
+                    format!("too little {short} offered")
+                } else {
+                    format!("too little {short} free")
+                }
+            };
+            *reasons.entry(reason).or_default() += 1;
+        }
+        if reasons.is_empty() {
+            return Some("no live machine offers itself".to_owned());
+        }
+        let reasons: Vec<String> = reasons
+            .into_iter()
+            .map(|(reason, machines)| match machines {
+                1 => format!("{reason} (1 machine)"),
+                _ => format!("{reason} ({machines} machines)"),
+            })
+            .collect();
+        Some(format!("fits on no live machine: {}", reasons.join("; ")))
     }
 
     /// The most recent rejection of `task` by any machine, with that machine.
@@ -225,11 +275,55 @@ mod tests {
         let TaskState::Pending {
             last_rejection: Some(rejection),
             rejected_by: Some(by),
+            ..
         } = &status.tasks[0].state
         else {
             panic!("expected a pending task with its rejection: {status:?}");
         };
         assert_eq!(rejection.reason, RejectReason::OutOfCpu);
         assert_eq!(*by, node);
+    }
+
+    #[test]
+    fn a_pending_task_that_fits_nowhere_says_why() {
+        let mut replica = Replica::new(NodeId(1));
+        let (node, scheduler) = (member("n1"), member("s1"));
+        let live = BTreeSet::from([node.clone(), scheduler]);
+        let mut cluster = Cluster::new(&mut replica);
+        let offer = NodeRecord::new(node, Resources::new(1_000, 1 << 30)).label("zone", "eu-1");
+        cluster.register_node(&offer, 1).expect("registers");
+        let mut mars = TaskGroup::new(name("mars"), 1, Resources::new(100, 1 << 20));
+        mars.constraints.labels.insert("zone".into(), "mars".into());
+        let job = JobSpec::new(name("web"))
+            .group(TaskGroup::new(
+                name("big"),
+                1,
+                Resources::new(100, 1 << 20).with("gpu", 1),
+            ))
+            .group(mars)
+            .group(TaskGroup::new(
+                name("small"),
+                1,
+                Resources::new(100, 1 << 20),
+            ));
+        cluster.submit_job(&job, 2).expect("submits");
+        let view = cluster.view().expect("reads");
+        let status = view.job_status(&name("web"), &live).expect("known job");
+        let why: Vec<Option<&str>> = status
+            .tasks
+            .iter()
+            .map(|task| match &task.state {
+                TaskState::Pending { fits_nowhere, .. } => fits_nowhere.as_deref(),
+                other => panic!("expected pending: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            why,
+            [
+                Some("fits on no live machine: too little gpu offered (1 machine)"),
+                Some("fits on no live machine: no label zone=mars (1 machine)"),
+                None,
+            ]
+        );
     }
 }

@@ -243,6 +243,8 @@ fn storage(storage: &StorageStats) -> Json {
         "checkpoints": storage.checkpoints,
         "log_bytes": storage.log_bytes,
         "snapshot_bytes": storage.snapshot_bytes,
+        "replayed": storage.replayed,
+        "failure": storage.failure,
     })
 }
 

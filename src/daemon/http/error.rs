@@ -145,6 +145,7 @@ impl From<crdt::Error> for ApiError {
             Error::EmptyKey | Error::KeyTooLong { .. } => (StatusCode::BAD_REQUEST, "invalid_key"),
             Error::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "value_too_large"),
             Error::WrongType { .. } => (StatusCode::CONFLICT, "wrong_type"),
+            Error::CounterOverflow { .. } => (StatusCode::CONFLICT, "counter_overflow"),
             Error::NothingToWrite => (StatusCode::BAD_REQUEST, "nothing_to_write"),
             Error::BufferFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "buffer_full"),
             Error::Compacted { .. } => (StatusCode::GONE, "compacted"),

@@ -10,9 +10,7 @@ use serde_json::{Value as Json, json};
 
 use crate::daemon::http::encode::json_response;
 use crate::daemon::http::error::ApiError;
-use crate::daemon::http::request::{
-    Params, await_session, expect_content_type, parse_json, percent_decode, read_body,
-};
+use crate::daemon::http::request::{Params, await_session, parse_json, percent_decode, read_body};
 use crate::daemon::http::{AppState, Shared};
 use crate::gossip::MemberName;
 use crate::runtime::SchedulingView;
@@ -28,7 +26,9 @@ pub(super) async fn submit(
     body: Body,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(&uri, &["after", "wait"])?;
-    expect_content_type(&headers, &["application/json"])?;
+    // Any content type: the body must parse as a job spec whatever it declares, so curl's
+    // default (`-d` sends application/x-www-form-urlencoded) works as well as
+    // application/json.
     let body = read_body(&headers, body, shared.options.max_body_bytes).await?;
     let spec: JobSpec = parse_json(&body)?;
     await_session(&shared, params.session(shared.options.max_wait)?).await?;

@@ -1,6 +1,6 @@
 //! The keyspace routes: registers under `/v1/kv`, and `/v1/counter`, `/v1/set`, `/v1/doc`.
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use axum::http::{HeaderMap, StatusCode, Uri};
@@ -16,6 +16,7 @@ use crate::daemon::http::error::ApiError;
 use crate::daemon::http::metrics::{ReadKind, WriteKind};
 use crate::daemon::http::request::{self, Params, await_session, key_from_path, read_body};
 use crate::daemon::http::{AppState, Shared};
+use crate::runtime::Handle;
 
 /// Items a list returns when the request does not say.
 const DEFAULT_LIST_LIMIT: usize = 1000;
@@ -36,15 +37,13 @@ pub(super) async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (key, params) = target(&uri, KV, &["after", "wait"])?;
-    let value = read_body(&headers, body, shared.options.max_body_bytes).await?;
-    await_session(&shared, params.session(shared.options.max_wait)?).await?;
-    let token = shared.handle.put(&key, value.to_vec()).await?;
-    shared.metrics.wrote(WriteKind::Put);
-    Ok(json_response(
-        StatusCode::OK,
-        &encode::written(&key, Some(&token)),
-    ))
+    let write = KeyWrite::new(&shared, &uri, KV)?;
+    let value = write.body(&headers, body).await?;
+    write
+        .commit(WriteKind::Put, async |handle, key| {
+            Ok(Some(handle.put(key, value.to_vec()).await?))
+        })
+        .await
 }
 
 /// `GET /v1/kv/{key}`: the value of any type, or with `raw=true` a register's bytes alone.
@@ -75,18 +74,13 @@ pub(super) async fn get(State(shared): State<AppState>, uri: Uri) -> Result<Resp
 
 /// `DELETE /v1/kv/{key}`, for a key of any type: 404 when it holds nothing.
 pub(super) async fn delete(State(shared): State<AppState>, uri: Uri) -> Result<Response, ApiError> {
-    let (key, params) = target(&uri, KV, &["after", "wait"])?;
-    await_session(&shared, params.session(shared.options.max_wait)?).await?;
-    let token = shared
-        .handle
-        .delete(&key)
-        .await?
-        .ok_or_else(|| ApiError::no_value(&key))?;
-    shared.metrics.wrote(WriteKind::Delete);
-    Ok(json_response(
-        StatusCode::OK,
-        &encode::written(&key, Some(&token)),
-    ))
+    let write = KeyWrite::new(&shared, &uri, KV)?;
+    write
+        .commit(WriteKind::Delete, async |handle, key| {
+            let token = handle.delete(key).await?;
+            Ok(Some(token.ok_or_else(|| ApiError::no_value(key))?))
+        })
+        .await
 }
 
 /// `GET /v1/kv?prefix=&limit=&start_after=`: keys under a prefix, in key order.
@@ -138,16 +132,13 @@ pub(super) async fn add_to_counter(
     struct CounterAdd {
         add: i64,
     }
-    let (key, params) = target(&uri, COUNTER, &["after", "wait"])?;
-    let body = read_body(&headers, body, shared.options.max_body_bytes).await?;
-    let CounterAdd { add } = request::parse_json(&body)?;
-    await_session(&shared, params.session(shared.options.max_wait)?).await?;
-    let token = shared.handle.counter_add(&key, add).await?;
-    shared.metrics.wrote(WriteKind::CounterAdd);
-    Ok(json_response(
-        StatusCode::OK,
-        &encode::written(&key, Some(&token)),
-    ))
+    let write = KeyWrite::new(&shared, &uri, COUNTER)?;
+    let CounterAdd { add } = request::parse_json(&write.body(&headers, body).await?)?;
+    write
+        .commit(WriteKind::CounterAdd, async |handle, key| {
+            Ok(Some(handle.counter_add(key, add).await?))
+        })
+        .await
 }
 
 /// `POST /v1/set/{key}` with `{"add": [...]}` or `{"remove": [...]}` (and optionally
@@ -165,9 +156,8 @@ pub(super) async fn change_set(
         remove: Option<Vec<String>>,
         encoding: Option<String>,
     }
-    let (key, params) = target(&uri, SET, &["after", "wait"])?;
-    let body = read_body(&headers, body, shared.options.max_body_bytes).await?;
-    let change: SetChange = request::parse_json(&body)?;
+    let write = KeyWrite::new(&shared, &uri, SET)?;
+    let change: SetChange = request::parse_json(&write.body(&headers, body).await?)?;
     let base64 = match change.encoding.as_deref() {
         None | Some("utf-8") => false,
         Some("base64") => true,
@@ -194,34 +184,29 @@ pub(super) async fn change_set(
             })
             .collect()
     };
-    let token = match (change.add, change.remove) {
+    match (change.add, change.remove) {
         (Some(add), None) => {
             let elements = decode(add)?;
-            await_session(&shared, params.session(shared.options.max_wait)?).await?;
-            let token = shared.handle.set_add(&key, elements).await?;
-            shared.metrics.wrote(WriteKind::SetAdd);
-            Some(token)
+            write
+                .commit(WriteKind::SetAdd, async |handle, key| {
+                    Ok(Some(handle.set_add(key, elements).await?))
+                })
+                .await
         }
+        // Removing only absent elements writes nothing: `"token": null`, and no write counted.
         (None, Some(remove)) => {
             let elements = decode(remove)?;
-            await_session(&shared, params.session(shared.options.max_wait)?).await?;
-            let token = shared.handle.set_remove(&key, elements).await?;
-            if token.is_some() {
-                shared.metrics.wrote(WriteKind::SetRemove);
-            }
-            token
+            write
+                .commit(WriteKind::SetRemove, async |handle, key| {
+                    Ok(handle.set_remove(key, elements).await?)
+                })
+                .await
         }
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_json",
-                "the body must have exactly one of \"add\" and \"remove\"",
-            ));
-        }
-    };
-    Ok(json_response(
-        StatusCode::OK,
-        &encode::written(&key, token.as_ref()),
-    ))
+        _ => Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must have exactly one of \"add\" and \"remove\"",
+        )),
+    }
 }
 
 /// `PATCH /v1/doc/{key}` with an RFC 7396 JSON merge patch.
@@ -231,20 +216,17 @@ pub(super) async fn patch_document(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (key, params) = target(&uri, DOCUMENT, &["after", "wait"])?;
+    let write = KeyWrite::new(&shared, &uri, DOCUMENT)?;
     request::expect_content_type(
         &headers,
         &["application/merge-patch+json", "application/json"],
     )?;
-    let body = read_body(&headers, body, shared.options.max_body_bytes).await?;
-    let patch: Json = request::parse_json(&body)?;
-    await_session(&shared, params.session(shared.options.max_wait)?).await?;
-    let token = shared.handle.document_patch(&key, patch).await?;
-    shared.metrics.wrote(WriteKind::DocumentPatch);
-    Ok(json_response(
-        StatusCode::OK,
-        &encode::written(&key, Some(&token)),
-    ))
+    let patch: Json = request::parse_json(&write.body(&headers, body).await?)?;
+    write
+        .commit(WriteKind::DocumentPatch, async |handle, key| {
+            Ok(Some(handle.document_patch(key, patch).await?))
+        })
+        .await
 }
 
 /// `GET /v1/counter/{key}`.
@@ -287,6 +269,52 @@ async fn typed_get(
         StatusCode::OK,
         &encode::read(&key, &value, &token),
     ))
+}
+
+/// A write to the key a route names, in the steps every write takes, in this order: the key and
+/// the query (`after`, `wait`), then the body, then the wait for the session, the write, the
+/// count in the metrics and the answer `{"key", "token"}`. The order decides which error a
+/// request with several faults gets, so every write route keeps it.
+struct KeyWrite<'a> {
+    shared: &'a Shared,
+    key: Key,
+    params: Params,
+}
+
+impl<'a> KeyWrite<'a> {
+    /// Reads the key in the path after `route` and the query.
+    fn new(shared: &'a Shared, uri: &Uri, route: &str) -> Result<Self, ApiError> {
+        let (key, params) = target(uri, route, &["after", "wait"])?;
+        Ok(KeyWrite {
+            shared,
+            key,
+            params,
+        })
+    }
+
+    /// The request body, within the server's limit.
+    async fn body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+        read_body(headers, body, self.shared.options.max_body_bytes).await
+    }
+
+    /// Waits for the session, then writes: `write` answers the write's token, or `None` when it
+    /// wrote nothing (which is then not counted).
+    async fn commit(
+        self,
+        kind: WriteKind,
+        write: impl AsyncFnOnce(&Handle, &Key) -> Result<Option<Token>, ApiError>,
+    ) -> Result<Response, ApiError> {
+        let session = self.params.session(self.shared.options.max_wait)?;
+        await_session(self.shared, session).await?;
+        let token = write(&self.shared.handle, &self.key).await?;
+        if token.is_some() {
+            self.shared.metrics.wrote(kind);
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &encode::written(&self.key, token.as_ref()),
+        ))
+    }
 }
 
 /// The key a request names and its query parameters.

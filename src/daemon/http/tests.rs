@@ -928,3 +928,107 @@ async fn a_backlog_beyond_the_watch_queue_reaches_a_reader_that_keeps_up_whole()
     let expected: Vec<String> = (0..WRITES).map(|index| format!("b/{index:05}")).collect();
     assert_eq!(keys, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_spec_with_unknown_fields_is_refused_naming_them() {
+    let server = Server::single("node-a").await;
+    let group = |extra: Json| {
+        let mut group = json!({
+            "name": "api", "count": 1,
+            "resources": { "cpu_millis": 100, "memory_bytes": 1024 }
+        });
+        group
+            .as_object_mut()
+            .expect("an object")
+            .extend(extra.as_object().expect("an object").clone());
+        group
+    };
+    let typo_at_top = json!({ "name": "web", "prority": 10, "groups": [group(json!({}))] });
+    let typo_in_group = json!({
+        "name": "web", "groups": [group(json!({ "constrains": { "labels": { "zone": "mars" } } }))]
+    });
+    let typo_in_resources = json!({
+        "name": "web",
+        "groups": [{ "name": "api", "count": 1, "resources": { "cpu": 100 } }]
+    });
+    for (spec, field) in [
+        (typo_at_top, "prority"),
+        (typo_in_group, "constrains"),
+        (typo_in_resources, "cpu"),
+    ] {
+        let reply = server.post_json("/v1/jobs", spec).await;
+        reply.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
+        let message = reply.json()["error"]["message"].to_string();
+        assert!(message.contains(&format!("`{field}`")), "{message}");
+    }
+    server
+        .get("/v1/jobs/web")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_spec_takes_memory_as_a_size_like_the_memory_flag() {
+    let server = Server::single("node-a").await;
+    let spec = json!({
+        "name": "web",
+        "groups": [{ "name": "api", "count": 1,
+                     "resources": { "cpu_millis": 100, "memory_bytes": "1GiB" } }]
+    });
+    let reply = server.post_json("/v1/jobs", spec).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let status = server.get("/v1/jobs/web").await.json();
+    assert_eq!(
+        status["spec"]["groups"][0]["resources"]["memory_bytes"],
+        1u64 << 30
+    );
+    let bad_unit = json!({
+        "name": "web",
+        "groups": [{ "name": "api", "count": 1,
+                     "resources": { "cpu_millis": 100, "memory_bytes": "1 parsec" } }]
+    });
+    let reply = server.post_json("/v1/jobs", bad_unit).await;
+    reply.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
+    let message = reply.json()["error"]["message"].to_string();
+    assert!(message.contains("1 parsec"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_at_the_top_of_its_range_refuses_to_overflow() {
+    let server = Server::single("node-a").await;
+    let add = |amount: i64| server.post_json("/v1/counter/c", json!({ "add": amount }));
+    assert_eq!(add(i64::MAX).await.status, StatusCode::OK);
+    add(1)
+        .await
+        .assert_error(StatusCode::CONFLICT, "counter_overflow");
+    assert_eq!(server.get("/v1/counter/c").await.json()["value"], i64::MAX);
+    assert_eq!(add(-1).await.status, StatusCode::OK);
+    assert_eq!(
+        server.get("/v1/counter/c").await.json()["value"],
+        i64::MAX - 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_spec_is_taken_whatever_content_type_curl_declares() {
+    let server = Server::single("node-a").await;
+    let spec = json!({
+        "name": "web",
+        "groups": [{ "name": "api", "count": 1, "resources": { "cpu_millis": 100 } }]
+    });
+    // `curl -d` declares application/x-www-form-urlencoded unless told otherwise.
+    let reply = server
+        .send(
+            Method::POST,
+            "/v1/jobs",
+            Some("application/x-www-form-urlencoded"),
+            spec.to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.json()["job"], "web");
+    let not_json = server
+        .send(Method::POST, "/v1/jobs", Some("text/plain"), "name=web")
+        .await;
+    not_json.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
+}
