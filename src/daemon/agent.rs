@@ -29,8 +29,6 @@ use crate::runtime::{
 };
 use crate::sched::Resources;
 
-/// How long in-flight HTTP requests (and open watches) get to finish after a shutdown signal.
-const HTTP_DRAIN: Duration = Duration::from_secs(5);
 /// How long the certificates generated for a `--dev` node are valid.
 const DEV_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// A certificate expiring sooner than this is worth a warning at start.
@@ -113,6 +111,8 @@ pub struct Started {
     handle: Handle,
     scheduler: Option<Scheduler>,
     options: HttpOptions,
+    /// How long open HTTP requests get to finish at shutdown (half the shutdown bound).
+    http_drain: Duration,
     /// Set for a `--dev` agent; the library does not print it, the binary does.
     dev_banner: Option<String>,
 }
@@ -135,6 +135,7 @@ impl Started {
             self.handle,
             self.scheduler,
             self.options,
+            self.http_drain,
             shutdown,
         )
         .await
@@ -183,6 +184,7 @@ pub async fn start(config: AgentConfig) -> Result<Started, AgentError> {
         handle,
         scheduler,
         options: http_options(&config),
+        http_drain: config.shutdown_timeout / 2,
         dev_banner,
     })
 }
@@ -293,6 +295,8 @@ async fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
         }
     }
     let mut node = NodeConfig::new(config.bind, tls, seeds);
+    // Half of the shutdown bound for open HTTP requests, the other half for the node.
+    node.shutdown_timeout = config.shutdown_timeout / 2;
     let mut advertise_note = None;
     node.advertise = match &config.advertise {
         Some(advertise) => resolve(advertise).await?.into_iter().next(),
@@ -587,6 +591,7 @@ async fn serve_until(
     handle: Handle,
     scheduler: Option<Scheduler>,
     options: HttpOptions,
+    http_drain: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let (stop, stopped) = oneshot::channel::<()>();
@@ -604,11 +609,11 @@ async fn serve_until(
     };
     if failure.is_none() {
         let _ = stop.send(());
-        match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
+        match tokio::time::timeout(http_drain, &mut server).await {
             Ok(Ok(Err(err))) => warn!(error = %err, "HTTP server error while stopping"),
             Ok(_) => {}
             Err(_) => {
-                warn!("HTTP requests still open after {HTTP_DRAIN:?} were cut off");
+                warn!("HTTP requests still open after {http_drain:?} were cut off");
                 server.abort();
             }
         }

@@ -25,6 +25,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -40,6 +41,8 @@ pub const DEFAULT_DEV_BIND: &str = "127.0.0.1:7701";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7700";
 /// The name a `--dev` node gives itself when `--node-id` is not set.
 pub const DEFAULT_DEV_NODE_ID: &str = "dev";
+/// How long a shutdown may take in all, unless configured.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The `mantissa agent` flags, as clap parses them (each also read from a `MANTISSA_*` variable).
 ///
@@ -118,6 +121,12 @@ pub struct AgentFlags {
     #[arg(long, env = "MANTISSA_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
 
+    /// How long a shutdown (SIGINT, SIGTERM) may take in all, in milliseconds [default: 2000]:
+    /// open HTTP requests get half of it to finish, then the node leaves, hands what is queued to
+    /// live peers and checkpoints its data in the rest. Peers known to be down are never waited on.
+    #[arg(long, env = "MANTISSA_SHUTDOWN_TIMEOUT_MS", value_name = "MILLIS")]
+    pub shutdown_timeout_ms: Option<u64>,
+
     /// The scheduler's flags (a clap doc comment on a flattened field is not shown as help).
     #[command(flatten, next_help_heading = "Scheduling")]
     pub scheduling: SchedulingFlags,
@@ -154,6 +163,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// See [`AgentFlags::max_body_bytes`].
     pub max_body_bytes: Option<usize>,
+    /// See [`AgentFlags::shutdown_timeout_ms`].
+    pub shutdown_timeout_ms: Option<u64>,
     /// See [`SchedulingFlags::scheduler`].
     pub scheduler: Option<bool>,
     /// See [`SchedulingFlags::offer`]; `false` with `scheduler = true` is `--no-offer`.
@@ -193,6 +204,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// The HTTP body limit; `None` keeps the server's default.
     pub max_body_bytes: Option<usize>,
+    /// How long a shutdown may take in all.
+    pub shutdown_timeout: Duration,
     /// Whether the agent schedules, and what its machine offers.
     pub scheduling: SchedulingSettings,
 }
@@ -337,6 +350,17 @@ impl AgentConfig {
             return Err(invalid(setting, &setting.value, "must be at least 1"));
         }
 
+        let shutdown_timeout = merge.pick(
+            "shutdown_timeout_ms",
+            flags.shutdown_timeout_ms,
+            file.shutdown_timeout_ms,
+        );
+        if let Some(setting) = &shutdown_timeout
+            && setting.value < 10
+        {
+            return Err(invalid(setting, &setting.value, "must be at least 10 (ms)"));
+        }
+
         if dev && !join.is_empty() {
             return Err(ConfigError::Conflict(
                 "--join cannot be used with --dev: a dev node has its own throwaway CA, so no \
@@ -356,6 +380,9 @@ impl AgentConfig {
             tls,
             log_format,
             max_body_bytes: max_body_bytes.map(|setting| setting.value),
+            shutdown_timeout: shutdown_timeout.map_or(DEFAULT_SHUTDOWN_TIMEOUT, |setting| {
+                Duration::from_millis(setting.value)
+            }),
             scheduling,
         })
     }
@@ -668,6 +695,28 @@ mod tests {
         assert!(config.join.is_empty());
         assert!(!config.discard_corrupt_data);
         assert_eq!(config.max_body_bytes, None);
+    }
+
+    #[test]
+    fn the_shutdown_bound_comes_from_flag_or_file_and_is_checked() {
+        let default = AgentConfig::resolve(tls_flags(), None).unwrap();
+        assert_eq!(default.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+        let from_file =
+            AgentConfig::resolve(tls_flags(), Some(file("shutdown_timeout_ms = 800"))).unwrap();
+        assert_eq!(from_file.shutdown_timeout, Duration::from_millis(800));
+        let flags = AgentFlags {
+            shutdown_timeout_ms: Some(300),
+            ..tls_flags()
+        };
+        let from_flag =
+            AgentConfig::resolve(flags, Some(file("shutdown_timeout_ms = 800"))).unwrap();
+        assert_eq!(from_flag.shutdown_timeout, Duration::from_millis(300));
+        let flags = AgentFlags {
+            shutdown_timeout_ms: Some(0),
+            ..tls_flags()
+        };
+        let err = AgentConfig::resolve(flags, None).unwrap_err().to_string();
+        assert!(err.contains("shutdown"), "{err}");
     }
 
     #[test]
