@@ -12,14 +12,12 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::crdt::{Event as ChangeEvent, Key, Token, Value, Write};
+use crate::crdt::{Event as ChangeEvent, Key, Token, Value};
 use crate::gossip::{self, MemberName, Transmit};
 use crate::runtime::api::{
     HandleError, RoundReport, SchedulingView, StateDigest, Status, WallClock, Watch, WatchError,
 };
-use crate::runtime::host::{
-    Command, Host, Output, RequestId, RoundRequest, SchedWrite, WATCH_QUEUE, WatchId,
-};
+use crate::runtime::host::{Command, Host, Output, RequestId, RoundRequest, WATCH_QUEUE, WatchId};
 use crate::runtime::storage::Store;
 use crate::runtime::{Channel, Inbox, Received, StorageError, Transport};
 
@@ -38,8 +36,8 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, HandleError>>;
 
 /// What a [`Handle`](super::Handle) asks of its node, with where the answer goes.
 pub(super) enum Request {
-    Write(Write, Reply<Option<Token>>),
-    Sched(SchedWrite, Reply<Option<Token>>),
+    /// A [`Command::Write`] or [`Command::Sched`].
+    Write(Command, Reply<Option<Token>>),
     Get(Key, Reply<Option<Value>>),
     ReadKey(Key, Reply<(Option<Value>, Token)>),
     List {
@@ -204,19 +202,11 @@ impl Driver {
     fn on_request(&mut self, request: Request) {
         let now = Instant::now().into_std();
         match request {
-            Request::Write(write, reply) => {
+            Request::Write(command, reply) => {
                 let id = self.request_id();
                 self.writes.insert(id, reply);
                 let wall = (self.wall_clock)();
-                self.host
-                    .handle_command(now, wall, id, Command::Write(write));
-            }
-            Request::Sched(write, reply) => {
-                let id = self.request_id();
-                self.writes.insert(id, reply);
-                let wall = (self.wall_clock)();
-                self.host
-                    .handle_command(now, wall, id, Command::Sched(write));
+                self.host.handle_command(now, wall, id, command);
             }
             Request::Get(key, reply) => {
                 let _ = reply.send(self.host.get(&key));

@@ -16,7 +16,7 @@ use crate::runtime::api::{
     WallClock, Watch,
 };
 use crate::runtime::driver::{Driver, PEER_QUEUE_BYTES, Reply, Request};
-use crate::runtime::host::{Host, RoundRequest, SchedWrite};
+use crate::runtime::host::{Command, Host, RoundRequest, SchedWrite};
 use crate::runtime::storage::{Storage, Store};
 use crate::runtime::{Inbox, StorageError, Transport};
 use crate::sched::{Allocation, JobSpec, Name, NodeRecord, QuotaSpec};
@@ -217,7 +217,8 @@ impl Handle {
     /// Makes a key-value write; refused under the scheduling prefix. `None` when it changed
     /// nothing.
     pub async fn write(&self, write: Write) -> Result<Option<Token>, HandleError> {
-        self.ask(|reply| Request::Write(write, reply)).await
+        self.ask(|reply| Request::Write(Command::Write(write), reply))
+            .await
     }
 
     /// The value at `key`, as this node's replica holds it now.
@@ -391,7 +392,8 @@ impl Handle {
     }
 
     async fn sched_write(&self, write: SchedWrite) -> Result<Option<Token>, HandleError> {
-        self.ask(|reply| Request::Sched(write, reply)).await
+        self.ask(|reply| Request::Write(Command::Sched(write), reply))
+            .await
     }
 
     /// Sends a request and waits for its answer.
@@ -455,15 +457,18 @@ mod tests {
         .expect("launch")
     }
 
+    /// A put running in the background.
+    fn spawn_put(node: &Handle) -> tokio::task::JoinHandle<Result<Token, HandleError>> {
+        let node = node.clone();
+        tokio::spawn(async move { node.put("config/mode", "blue").await })
+    }
+
     #[tokio::test]
     async fn a_write_is_answered_only_once_its_store_has_made_it_durable() {
         let store = MemoryStore::default();
         store.hold();
         let node = node_with(&store).await;
-        let put = tokio::spawn({
-            let node = node.clone();
-            async move { node.put("config/mode", "blue").await }
-        });
+        let put = spawn_put(&node);
         // Applied (a read sees it) but not answered while the store holds the batch.
         let deadline = Instant::now() + Duration::from_secs(10);
         while node.get("config/mode").await.expect("get").is_none() {
@@ -513,10 +518,7 @@ mod tests {
         let store = MemoryStore::default();
         store.hold();
         let node = node_with(&store).await;
-        let put = tokio::spawn({
-            let node = node.clone();
-            async move { node.put("config/mode", "blue").await }
-        });
+        let put = spawn_put(&node);
         let deadline = Instant::now() + Duration::from_secs(10);
         while store.held() == 0 {
             assert!(
