@@ -885,11 +885,12 @@ fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// `kv watch --from` a cursor further back than a watcher's backlog: the agent cuts the watch
-/// off as `lagged`, and the CLI resumes from the last cursor it printed, saying so on stderr,
-/// until every change has been printed once.
+/// `kv watch --from` a cursor further back than a watcher's queue holds (4,096 changes): every
+/// change is printed once, in order, and the watch goes on. The agent replays the backlog from
+/// its change feed as the CLI reads; should the watch still be cut off as `lagged`, the CLI
+/// resumes from the last cursor it printed and says so on stderr.
 #[test]
-fn the_cli_watch_resumes_after_lagged_from_its_last_cursor() {
+fn the_cli_watch_from_far_back_prints_every_change_once_and_goes_on() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
 
@@ -958,7 +959,9 @@ fn the_cli_watch_resumes_after_lagged_from_its_last_cursor() {
     let expected: Vec<String> = (0..WRITES).map(|i| format!("lag/{i:05}")).collect();
     assert_eq!(keys.len(), expected.len(), "{stderr}");
     assert!(keys == expected, "every change once, in order: {stderr}");
-    assert!(stderr.contains("resuming from cursor"), "{stderr}");
+    if stderr.contains("lagged") {
+        assert!(stderr.contains("resuming from cursor"), "{stderr}");
+    }
 }
 
 /// An agent whose stderr is a pipe nobody reads any more (a log shipper that died) keeps
