@@ -325,13 +325,9 @@ impl Transport {
         let socket = runtime
             .wrap_udp_socket(socket)
             .map_err(TransportError::Endpoint)?;
-        Self::bind_with_socket(
-            socket,
-            runtime,
-            tls,
-            config,
-            quinn::EndpointConfig::default(),
-        )
+        let mut endpoint = quinn::EndpointConfig::default();
+        endpoint.cid_generator(|| Box::new(RandomConnectionIds::default()));
+        Self::bind_with_socket(socket, runtime, tls, config, endpoint)
     }
 
     /// Like [`Transport::bind`] over a caller-provided socket and runtime (e.g. a simulation).
@@ -339,7 +335,9 @@ impl Transport {
     /// Every task of the transport is spawned on `runtime`; call it from within that runtime.
     /// `endpoint_config`'s stateless-reset key is replaced by the one derived from the node's
     /// private key, so that a restarted node can reset its peers' connections to its previous
-    /// process (see `TlsConfig::stateless_reset_key`).
+    /// process (see `TlsConfig::stateless_reset_key`). Its connection-id generator must take
+    /// the ids of a previous process as possibly its own (quinn's default one, keyed per
+    /// process, drops their packets without a reset); [`Transport::bind`]'s does.
     pub fn bind_with_socket(
         socket: Arc<dyn quinn::AsyncUdpSocket>,
         runtime: Arc<dyn quinn::Runtime>,
@@ -586,6 +584,38 @@ struct Decision {
     loser: Option<Arc<Link>>,
     /// Our own dial, displaced only until a probe shows whether it is alive (see [`probation`]).
     suspect: Option<Arc<Link>>,
+}
+
+/// Random 8-byte connection ids, every one of which may be ours.
+///
+/// quinn's default generator tags its ids with a key drawn per process and silently drops
+/// packets whose id fails the tag, so a restarted node would never answer its peers' packets on
+/// connections to its predecessor with a stateless reset. This one keeps the trait's default
+/// `validate` (every id is possibly ours): a packet for an unknown connection gets a reset,
+/// which quinn keeps smaller than the packet and rate-limits.
+struct RandomConnectionIds(ring::rand::SystemRandom);
+
+impl Default for RandomConnectionIds {
+    fn default() -> Self {
+        RandomConnectionIds(ring::rand::SystemRandom::new())
+    }
+}
+
+impl quinn::ConnectionIdGenerator for RandomConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; 8];
+        ring::rand::SecureRandom::fill(&self.0, &mut id)
+            .expect("the operating system provides random bytes");
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Why reading a message stream failed.
