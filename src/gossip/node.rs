@@ -881,6 +881,14 @@ impl Node {
             });
         }
         let mut runtime = self.swim_runtime(now);
+        if addresses_predecessor(&header, self.swim.identity()) {
+            // The sender still knows only this process's predecessor (we restarted), and SWIM
+            // drops everything but announcements addressed to it: tell the sender who we are
+            // now rather than wait for it to count the old identity down, which takes seconds
+            // and is all a restarted node without seeds could otherwise do. Announce fails only
+            // for our own identity, which the sender's is not.
+            let _ = self.swim.announce(header.src.clone(), &mut runtime);
+        }
         let result = self.swim.handle_data(packet, &mut runtime);
         self.absorb_swim(runtime);
         result.map_err(|err| ProtocolError::Swim(err.to_string()))
@@ -1112,6 +1120,14 @@ impl foca::Runtime<Member> for SwimRuntime {
     fn submit_after(&mut self, event: Timer<Member>, after: std::time::Duration) {
         self.timers.push((self.now + after, event));
     }
+}
+
+/// Whether a SWIM message is addressed to an earlier identity of this member (same name, another
+/// incarnation) and is not an announcement, which SWIM accepts at any identity of ours.
+fn addresses_predecessor(header: &foca::Header<Member>, me: &Member) -> bool {
+    header.dst.name == me.name
+        && header.dst != *me
+        && !matches!(header.message, foca::Message::Announce)
 }
 
 #[cfg(test)]

@@ -26,6 +26,11 @@ use x509_parser::extensions::GeneralName;
 /// ALPN protocol identifier: refuses peers that speak anything but mantissa's protocol.
 pub(crate) const ALPN: &[u8] = b"mantissa/1";
 
+/// HKDF salt and info of the stateless-reset key: changing them changes every node's key, so a
+/// node restarted across that change cannot reset its peers' old connections.
+const RESET_KEY_SALT: &[u8] = b"mantissa stateless reset";
+const RESET_KEY_INFO: &[u8] = b"quic stateless reset key v1";
+
 /// Server name sent in the TLS handshake when dialing a seed whose node name is unknown.
 ///
 /// Only informational: which name is required is decided by the dial's own verifier.
@@ -312,6 +317,23 @@ impl TlsConfig {
     /// This node's name, as written in its certificate.
     pub fn node_name(&self) -> &str {
         &self.inner.node_name
+    }
+
+    /// The QUIC stateless-reset key, derived from the node's private key.
+    ///
+    /// Every start of a node with the same credentials gets the same key, so a restarted process
+    /// can answer its peers' packets on connections to its dead predecessor with a stateless
+    /// reset they accept (RFC 9000 §10.3: the token of a connection id is `HMAC(key, id)`), and
+    /// they drop those connections at once instead of after the idle timeout. Only a holder of
+    /// the private key can compute tokens: HKDF makes the key pseudorandom and separate from any
+    /// other use of the private key, and a peer learns only the tokens of its own connections.
+    pub(crate) fn stateless_reset_key(&self) -> Arc<dyn quinn::crypto::HmacKey> {
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, RESET_KEY_SALT);
+        let prk = salt.extract(self.inner.key.secret_der());
+        let okm = prk
+            .expand(&[RESET_KEY_INFO], ring::hmac::HMAC_SHA256)
+            .expect("32 bytes is within HKDF-SHA256's output limit");
+        Arc::new(ring::hmac::Key::from(okm))
     }
 
     /// The QUIC server crypto: requires a client certificate signed by the CA.

@@ -9,6 +9,14 @@
 //! opened there; the receiver answers once it has read that many. A side closes the connection
 //! once its own bye is answered and it has answered the peer's, so no message is lost. Shutdown
 //! drains every connection the same way.
+//!
+//! A restarted peer (same name and address, new process) is reachable again at once: its
+//! stateless-reset key is derived from its private key, so the packets we send on the connection
+//! to its dead predecessor draw a stateless reset we accept and the connection ends; and when the
+//! restarted peer dials us while we still hold a connection we dialed to it, which would win the
+//! tie, we send on the new connection at once and probe the old one with an empty datagram. A
+//! reset ends the old one; one still alive after the probation (both sides dialed at once) wins
+//! back, and the new one is drained, losing nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,6 +64,11 @@ const STOP_TOO_LARGE: VarInt = VarInt::from_u32(1);
 const RESET_ABANDONED: VarInt = VarInt::from_u32(2);
 /// Answer to a bye: every announced stream has been read.
 const BYE_ACK: u8 = 1;
+/// How long a connection we dialed is probed, beyond three of its round trips, before an incoming
+/// connection from the same peer gives way to it (see [`probation`]).
+const PROBATION_SLACK: Duration = Duration::from_millis(200);
+/// The longest probation, whatever the round-trip time.
+const PROBATION_MAX: Duration = Duration::from_secs(1);
 
 /// Tunables of the transport.
 #[derive(Debug, Clone)]
@@ -312,25 +325,27 @@ impl Transport {
         let socket = runtime
             .wrap_udp_socket(socket)
             .map_err(TransportError::Endpoint)?;
-        Self::bind_with_socket(
-            socket,
-            runtime,
-            tls,
-            config,
-            quinn::EndpointConfig::default(),
-        )
+        let mut endpoint = quinn::EndpointConfig::default();
+        endpoint.cid_generator(|| Box::new(RandomConnectionIds::default()));
+        Self::bind_with_socket(socket, runtime, tls, config, endpoint)
     }
 
     /// Like [`Transport::bind`] over a caller-provided socket and runtime (e.g. a simulation).
     ///
     /// Every task of the transport is spawned on `runtime`; call it from within that runtime.
+    /// `endpoint_config`'s stateless-reset key is replaced by the one derived from the node's
+    /// private key, so that a restarted node can reset its peers' connections to its previous
+    /// process (see `TlsConfig::stateless_reset_key`). Its connection-id generator must take
+    /// the ids of a previous process as possibly its own (quinn's default one, keyed per
+    /// process, drops their packets without a reset); [`Transport::bind`]'s does.
     pub fn bind_with_socket(
         socket: Arc<dyn quinn::AsyncUdpSocket>,
         runtime: Arc<dyn quinn::Runtime>,
         tls: TlsConfig,
         config: TransportConfig,
-        endpoint_config: quinn::EndpointConfig,
+        mut endpoint_config: quinn::EndpointConfig,
     ) -> Result<(Transport, Inbox), TransportError> {
+        endpoint_config.reset_key(tls.stateless_reset_key());
         let quic = Arc::new(quic_config(&config)?);
         let inbox_permits = inbox_permits(&config)?;
         let mut server = quinn::ServerConfig::with_crypto(tls.server_crypto());
@@ -535,6 +550,9 @@ struct Table {
     by_name: HashMap<String, Arc<Link>>,
     /// The peer name last seen at each address, so seed addresses reuse connections.
     by_addr: HashMap<SocketAddr, String>,
+    /// Connections we dialed that a peer's new dial displaced until a probe shows whether they
+    /// are alive (see [`probation`]), by peer.
+    suspects: HashMap<String, Arc<Link>>,
 }
 
 /// One authenticated connection and its drain state.
@@ -552,8 +570,52 @@ struct Link {
     draining: AtomicBool,
     /// The peer confirmed reading every stream we opened.
     own_bye_acked: watch::Sender<bool>,
+    /// The peer can decrypt what we send (see [`Link::handshake_confirmed`]).
+    confirmed: AtomicBool,
     /// We confirmed reading every stream the peer opened.
     peer_bye_acked: AtomicBool,
+}
+
+/// What registering a new connection decided.
+struct Decision {
+    /// The connection to send on now.
+    winner: Arc<Link>,
+    /// A duplicate to drain.
+    loser: Option<Arc<Link>>,
+    /// Our own dial, displaced only until a probe shows whether it is alive (see [`probation`]).
+    suspect: Option<Arc<Link>>,
+}
+
+/// Random 8-byte connection ids, every one of which may be ours.
+///
+/// quinn's default generator tags its ids with a key drawn per process and silently drops
+/// packets whose id fails the tag, so a restarted node would never answer its peers' packets on
+/// connections to its predecessor with a stateless reset. This one keeps the trait's default
+/// `validate` (every id is possibly ours): a packet for an unknown connection gets a reset,
+/// which quinn keeps smaller than the packet and rate-limits.
+struct RandomConnectionIds(ring::rand::SystemRandom);
+
+impl Default for RandomConnectionIds {
+    fn default() -> Self {
+        RandomConnectionIds(ring::rand::SystemRandom::new())
+    }
+}
+
+impl quinn::ConnectionIdGenerator for RandomConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; 8];
+        ring::rand::SecureRandom::fill(&self.0, &mut id)
+            .expect("the operating system provides random bytes");
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Why reading a message stream failed.
@@ -782,11 +844,18 @@ impl Shared {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let link = Arc::new(Link::new(conn, peer, dialed_by_us));
-        let (winner, loser) = self.register(&link);
-        self.spawn(drive(self.clone(), link));
+        let Decision {
+            winner,
+            loser,
+            suspect,
+        } = self.register(&link);
+        self.spawn(drive(self.clone(), link.clone()));
         if let Some(loser) = loser {
             debug!(peer = %loser.peer, "draining duplicate connection");
             self.start_drain(loser);
+        }
+        if let Some(suspect) = suspect {
+            self.spawn(probation(self.clone(), suspect, link));
         }
         if self.closing.load(Ordering::SeqCst) {
             winner.conn.close(CLOSE_SHUTDOWN, b"shutdown");
@@ -794,8 +863,8 @@ impl Shared {
         winner
     }
 
-    /// Inserts `link`; returns the connection kept for its peer and the one to drain, if any.
-    fn register(&self, link: &Arc<Link>) -> (Arc<Link>, Option<Arc<Link>>) {
+    /// Inserts `link` and decides which connection its peer is sent on.
+    fn register(&self, link: &Arc<Link>) -> Decision {
         let mut table = self.table();
         table.links.insert(link.id(), link.clone());
         table
@@ -807,10 +876,57 @@ impl Shared {
             .filter(|l| l.is_usable())
             .cloned();
         match current {
-            Some(old) if !self.prefers(link, &old) => (old, Some(link.clone())),
+            // `link` lost the tie and is incoming, so `old` is our own dial. The peer dialed
+            // although we had a connection: either we both dialed at once, or the peer is a new
+            // process and `old` leads to its dead predecessor. Send on `link` while `old` is
+            // probed; never on a connection that may be dead.
+            Some(old) if !self.prefers(link, &old) && !link.dialed_by_us => {
+                table.by_name.insert(link.peer.clone(), link.clone());
+                table.suspects.insert(link.peer.clone(), old.clone());
+                Decision {
+                    winner: link.clone(),
+                    loser: None,
+                    suspect: Some(old),
+                }
+            }
+            // Our own dial lost to a connection the peer dialed: both dialed at once.
+            Some(old) if !self.prefers(link, &old) => Decision {
+                winner: old,
+                loser: Some(link.clone()),
+                suspect: None,
+            },
             old => {
                 table.by_name.insert(link.peer.clone(), link.clone());
-                (link.clone(), old)
+                Decision {
+                    winner: link.clone(),
+                    loser: old,
+                    suspect: None,
+                }
+            }
+        }
+    }
+
+    /// After a probation `old` survived: it is alive, so the tie rule holds again. It goes back to
+    /// sending unless a newer connection took over; returns the connection to drain.
+    fn reinstate(&self, old: &Arc<Link>, new: &Arc<Link>) -> Option<Arc<Link>> {
+        let mut table = self.table();
+        let on_probation = table
+            .suspects
+            .get(&old.peer)
+            .is_some_and(|l| l.id() == old.id());
+        // Already reinstated (`Table::unlink`) or gone.
+        if !on_probation {
+            return None;
+        }
+        table.suspects.remove(&old.peer);
+        if !old.is_usable() {
+            return None;
+        }
+        match table.by_name.get(&old.peer) {
+            Some(current) if current.id() != new.id() => Some(old.clone()),
+            _ => {
+                table.by_name.insert(old.peer.clone(), old.clone());
+                Some(new.clone())
             }
         }
     }
@@ -847,7 +963,10 @@ impl Shared {
         channel: Channel,
         bytes: Bytes,
     ) -> Result<(), SendFailure> {
-        if channel == Channel::Datagram && self.fits_datagram(link, bytes.len()) {
+        if channel == Channel::Datagram
+            && link.handshake_confirmed()
+            && self.fits_datagram(link, bytes.len())
+        {
             match link.conn.send_datagram(bytes.clone()) {
                 Ok(()) => return Ok(()),
                 Err(SendDatagramError::ConnectionLost(source)) => {
@@ -895,7 +1014,12 @@ impl Shared {
     }
 
     /// Hands a datagram to the inbox, dropping it when the inbox is full: datagrams are lossy.
+    ///
+    /// An empty datagram is a liveness probe (see [`probation`]), not a message.
     fn deliver_datagram(&self, link: &Link, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
         let Some(held) = self.inbox_budget.clone().try_acquire(bytes.len()) else {
             self.counters
                 .datagrams_dropped
@@ -946,13 +1070,28 @@ impl Shared {
 
 impl Table {
     /// Stops using `link` for new sends to its peer.
+    ///
+    /// If it had displaced a connection on probation, that one is used again: the peer drained
+    /// the newer connection, so it keeps the older one, which is therefore alive.
     fn unlink(&mut self, link: &Link) {
+        if self
+            .suspects
+            .get(&link.peer)
+            .is_some_and(|l| l.id() == link.id())
+        {
+            self.suspects.remove(&link.peer);
+        }
         if self
             .by_name
             .get(&link.peer)
             .is_some_and(|l| l.id() == link.id())
         {
             self.by_name.remove(&link.peer);
+            if let Some(suspect) = self.suspects.remove(&link.peer)
+                && suspect.is_usable()
+            {
+                self.by_name.insert(link.peer.clone(), suspect);
+            }
         }
     }
 }
@@ -969,7 +1108,28 @@ impl Link {
             draining: AtomicBool::new(false),
             own_bye_acked: watch::Sender::new(false),
             peer_bye_acked: AtomicBool::new(false),
+            // The accepting side completes its handshake only after the dialer's last handshake
+            // packet, when the dialer already has its keys.
+            confirmed: AtomicBool::new(!dialed_by_us),
         }
+    }
+
+    /// Whether the peer has confirmed the handshake, so it can decrypt our 1-RTT packets.
+    ///
+    /// A dial completes one flight before the peer does: a datagram sent at once can overtake
+    /// our last handshake packet on a reordering path, and the peer drops it undecryptable. A
+    /// stream is retransmitted; a datagram is lost, and with it, e.g., a restarted node's join
+    /// announcement (measured in simulation: a second until it is repeated). So datagrams wait
+    /// for the peer's HANDSHAKE_DONE, which it sends once it has its keys.
+    fn handshake_confirmed(&self) -> bool {
+        if self.confirmed.load(Ordering::Relaxed) {
+            return true;
+        }
+        let confirmed = self.conn.stats().frame_rx.handshake_done > 0;
+        if confirmed {
+            self.confirmed.store(true, Ordering::Relaxed);
+        }
+        confirmed
     }
 
     fn id(&self) -> usize {
@@ -1026,6 +1186,32 @@ async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         // Handshakes run concurrently so a slow peer cannot hold up the others.
         shared.spawn(shared.clone().accept_one(incoming));
+    }
+}
+
+/// Probes `old`, the connection we dialed to a peer that has just dialed us (`new`), and gives
+/// sending back to `old` if it is alive after a few round trips.
+///
+/// If the peer restarted, `old` leads to its dead process: the probe reaches the new process,
+/// which answers with a stateless reset (its reset key is derived from the same private key),
+/// and quinn closes `old`. An empty datagram is ack-eliciting, so a lost probe or reset is
+/// followed by quinn's own probes within the window. If both sides dialed at once instead,
+/// `old` stays open and wins again, as the peer decided already; `new` is drained.
+async fn probation(shared: Arc<Shared>, old: Arc<Link>, new: Arc<Link>) {
+    let window = (old.conn.rtt() * 3 + PROBATION_SLACK).min(PROBATION_MAX);
+    // Fails only if the connection is already gone or takes no datagrams; then it ends anyway
+    // or is an old peer's, and the window decides.
+    let _ = old.conn.send_datagram(Bytes::new());
+    if tokio::time::timeout(window, old.conn.closed())
+        .await
+        .is_ok()
+    {
+        debug!(peer = %old.peer, "previous connection ended: the peer restarted");
+        return;
+    }
+    if let Some(loser) = shared.reinstate(&old, &new) {
+        debug!(peer = %loser.peer, "draining duplicate connection after probation");
+        shared.start_drain(loser);
     }
 }
 

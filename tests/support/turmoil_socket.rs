@@ -132,9 +132,9 @@ impl AsyncUdpSocket for TurmoilUdpSocket {
 /// generator keyed by `host_key`, connection ids drawn from `cid_seed`, and every other random
 /// choice of quinn from `rng_seed`.
 ///
-/// With the same `host_key` after a restart, the node recognises connection ids it issued before
-/// the crash and answers packets on those dead connections with a stateless reset its peers
-/// accept, so they drop the dead connection at once instead of after the idle timeout.
+/// The transport replaces this reset key with the one it derives from the node's private key
+/// (`Transport::bind_with_socket`), so a restarted node resets its peers' connections to its dead
+/// incarnation whatever `host_key` is; quinn only needs some key here to build the config.
 pub fn endpoint_config(host_key: u64, cid_seed: u64, rng_seed: [u8; 32]) -> quinn::EndpointConfig {
     let mut endpoint = quinn::EndpointConfig::new(Arc::new(ResetKey(host_key)));
     endpoint.cid_generator(move || Box::new(CidGenerator(cid_seed)));
