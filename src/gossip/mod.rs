@@ -8,7 +8,7 @@
 //!
 //! ```
 //! use std::time::Instant;
-//! use mantissa::crdt::{Key, NodeId, Replica};
+//! use mantissa::crdt::{Key, NodeId, Replica, Write};
 //! use mantissa::gossip::{Config, Member, MemberName, Node};
 //!
 //! let now = Instant::now();
@@ -25,7 +25,8 @@
 //! nodes[1].add_members([a], now);
 //!
 //! let key = Key::new("services/web").unwrap();
-//! nodes[0].write(now, |replica| replica.put(key.clone(), b"3".to_vec(), 1).map(Some)).unwrap();
+//! let write = Write::Put { key: key.clone(), value: b"3".to_vec() };
+//! nodes[0].write(now, 1, write).unwrap();
 //! // Deliver every message, at once and in order, until none is left.
 //! while let Some((from, transmit)) = (0..2).find_map(|i| Some((i, nodes[i].poll_transmit()?))) {
 //!     let sender = nodes[from].me().clone();
