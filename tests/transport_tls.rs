@@ -79,12 +79,15 @@ async fn three_nodes_exchange_streams_and_datagrams() {
     let got = recv(&mut a_in).await;
     assert_eq!(got.from, "c");
 
-    // Datagrams are lossy even on loopback: resend until one arrives.
+    // Datagrams are lossy even on loopback: resend until one arrives as a datagram. On a fresh
+    // connection the first ones go as streams, until the handshake is confirmed.
     let got = loop {
         b.send(c_addr, Some("c"), Channel::Datagram, b"dgram".to_vec())
             .await
             .expect("b -> c datagram");
-        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(200), c_in.recv()).await {
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(200), c_in.recv()).await
+            && got.channel == Channel::Datagram
+        {
             break got;
         }
     };
