@@ -136,6 +136,11 @@ impl Driver {
         mut acks: mpsc::UnboundedReceiver<Saved>,
     ) {
         let shutdown = 'driving: loop {
+            // Saved batches first: each answers writes that are waiting on nothing else.
+            while let Ok((batch, result)) = acks.try_recv() {
+                self.host
+                    .handle_saved(batch, result.map_err(|err| err.to_string()));
+            }
             self.resume_watches();
             self.flush();
             // A paused watcher's reader may make room at any moment; look again soon.
