@@ -9,7 +9,7 @@ use crate::crdt::delta::{
 };
 use crate::crdt::entry::{Body, Entry, Item};
 use crate::crdt::feed::Feed;
-use crate::crdt::value::{document_versions, read};
+use crate::crdt::value::{counter_total, document_versions, read};
 use crate::crdt::{
     CausalContext, Change, Delta, Dot, Error, Event, Hlc, HlcClock, Key, Kind, NodeId, Value,
     VersionVector, codec, document,
@@ -342,13 +342,7 @@ impl Replica {
         let node = self.node;
         let name = key.to_string();
         self.write(key, Some(Kind::Counter), now_millis, |entry, _| {
-            let total: i128 = entry
-                .of_kind(Kind::Counter)
-                .map(|item| match item.body {
-                    Body::Counter { up, down } => i128::from(up) - i128::from(down),
-                    _ => 0,
-                })
-                .sum();
+            let total = counter_total(entry);
             let overflow = || Error::CounterOverflow {
                 key: name.clone(),
                 value: total.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,

@@ -97,14 +97,18 @@ fn read_register(entry: &Entry) -> Register {
 }
 
 fn read_counter(entry: &Entry) -> i64 {
-    let total: i128 = entry
+    counter_total(entry).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+/// A counter's exact total over every replica's share (it may exceed an `i64`).
+pub(crate) fn counter_total(entry: &Entry) -> i128 {
+    entry
         .of_kind(Kind::Counter)
         .map(|item| match item.body {
             Body::Counter { up, down } => i128::from(up) - i128::from(down),
             _ => 0,
         })
-        .sum();
-    total.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+        .sum()
 }
 
 fn read_set(entry: &Entry) -> Vec<Vec<u8>> {

@@ -298,16 +298,7 @@ impl Driver {
             match output {
                 Output::Transmit(transmit) => self.dispatch(transmit),
                 Output::Persist { batch, deltas } => self.persist(batch, deltas),
-                Output::Written { id, result } => {
-                    if let Some(reply) = self.writes.remove(&id) {
-                        let _ = reply.send(result);
-                    }
-                }
-                Output::Covered { id, result } => {
-                    if let Some(reply) = self.waits.remove(&id) {
-                        let _ = reply.send(result);
-                    }
-                }
+                Output::Written { .. } | Output::Covered { .. } => self.answer(output),
                 Output::Event { watch, event } => {
                     delivered = true;
                     if !just_paused.contains(&watch) && self.deliver(watch, event) {
@@ -330,6 +321,23 @@ impl Driver {
                 self.watches.remove(&watch);
                 self.host.cancel_watch(watch);
             }
+        }
+    }
+
+    /// Sends a write's or a session waiter's answer to its caller; other outputs are ignored.
+    fn answer(&mut self, output: Output) {
+        match output {
+            Output::Written { id, result } => {
+                if let Some(reply) = self.writes.remove(&id) {
+                    let _ = reply.send(result);
+                }
+            }
+            Output::Covered { id, result } => {
+                if let Some(reply) = self.waits.remove(&id) {
+                    let _ = reply.send(result);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -469,6 +477,7 @@ impl Driver {
             .collect();
         let left = deadline.saturating_duration_since(Instant::now());
         self.transport
+            .clone()
             .shutdown_within(left, |peer| live.contains(peer))
             .await;
         if let Some(storage) = self.storage.take()
@@ -485,19 +494,7 @@ impl Driver {
                 .handle_saved(batch, result.map_err(|err| err.to_string()));
         }
         while let Some(output) = self.host.poll_output() {
-            match output {
-                Output::Written { id, result } => {
-                    if let Some(reply) = self.writes.remove(&id) {
-                        let _ = reply.send(result);
-                    }
-                }
-                Output::Covered { id, result } => {
-                    if let Some(reply) = self.waits.remove(&id) {
-                        let _ = reply.send(result);
-                    }
-                }
-                _ => {}
-            }
+            self.answer(output);
         }
         info!(took = ?started.elapsed(), "node stopped");
     }
