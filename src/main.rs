@@ -143,10 +143,31 @@ enum TlsCommand {
     },
 }
 
+/// Keeps the agent's heap in one glibc malloc arena unless `MALLOC_ARENA_MAX` says otherwise.
+///
+/// Large values are allocated on one thread and freed on another; with an arena per thread,
+/// each arena keeps the pages it freed and resident memory climbs well above what is live.
+/// Measured with `cargo test --release --test memory_bounds` (1 MiB values, two agents): peak
+/// resident memory 232-340 MiB with an arena per thread, 162-280 MiB with one, and the test ran
+/// faster (5 s instead of 7.5 s). Small allocations still come from per-thread caches.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called before the agent starts any thread; mallopt only changes a setting of
+        // the allocator, which glibc documents as safe to change at any time.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Agent(flags) => commands::agent::run(*flags),
+        Command::Agent(flags) => {
+            one_malloc_arena();
+            commands::agent::run(*flags)
+        }
         Command::Tls(TlsCommand::Init { dir, name, force }) => {
             commands::tls::init(&dir, &name, force)
         }

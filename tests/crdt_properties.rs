@@ -364,7 +364,7 @@ impl Model {
             Kind::Register => {
                 let mut values = items.iter().filter_map(|(write, item)| match item {
                     Item::Register(value) => Some(Sibling {
-                        value: value.clone(),
+                        value: value.clone().into(),
                         written_at: write.time,
                     }),
                     _ => None,
@@ -1101,7 +1101,7 @@ proptest! {
 
 fn register_value(replica: &Replica, key: &Key) -> Option<(Vec<u8>, usize)> {
     match replica.get(key).expect("reads") {
-        Some(Value::Register(register)) => Some((register.value, register.siblings.len())),
+        Some(Value::Register(register)) => Some((register.value.to_vec(), register.siblings.len())),
         Some(other) => panic!("{key:?} holds {other:?}"),
         None => None,
     }

@@ -40,7 +40,7 @@ fn config(
 
 async fn register(node: &Handle, key: &str) -> Option<Vec<u8>> {
     match node.get(key).await.expect("get") {
-        Some(Value::Register(register)) => Some(register.value),
+        Some(Value::Register(register)) => Some(register.value.to_vec()),
         None => None,
         Some(other) => panic!("{key} holds {other:?}"),
     }

@@ -232,7 +232,36 @@ pub fn status(reply: &Json) -> String {
         "storage",
         storage(reply.get("storage").unwrap_or(&Json::Null)),
     );
+    line(
+        "buffers",
+        buffers(reply.get("buffers").unwrap_or(&Json::Null)),
+    );
     text
+}
+
+/// `change feed 12 MiB of 64 MiB, …`: each bounded buffer's use of its budget.
+fn buffers(buffers: &Json) -> String {
+    let Some(map) = buffers.as_object() else {
+        return "-".to_owned();
+    };
+    let mut parts: Vec<String> = map
+        .iter()
+        .filter(|(_, buffer)| buffer.is_object())
+        .map(|(name, buffer)| {
+            format!(
+                "{} {} of {}",
+                name.replace('_', " "),
+                size(buffer.get("bytes")),
+                size(buffer.get("budget"))
+            )
+        })
+        .collect();
+    if let Some(paused) = map.get("watchers_paused").and_then(Json::as_u64)
+        && paused > 0
+    {
+        parts.push(format!("{paused} watchers paused"));
+    }
+    parts.join(", ")
 }
 
 fn peers(reply: &Json) -> String {

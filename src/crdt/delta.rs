@@ -81,6 +81,16 @@ impl Delta {
         self.entries.len()
     }
 
+    /// Approximately how many bytes the delta keeps alive (its keys and items); what the
+    /// buffers that hold deltas count against their byte budgets.
+    pub fn size(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|(key, items)| key.as_bytes().len() + items.iter().map(Item::size).sum::<usize>())
+            .sum::<usize>()
+            + 64
+    }
+
     /// Whether the delta carries no key (a sync delta to a peer that lacks nothing).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty() && !self.full

@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crdt::{CausalContext, Dot, Hlc, VersionVector};
+use crate::crdt::{Blob, CausalContext, Dot, Hlc, VersionVector};
 
 /// The value types a key can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -45,13 +45,13 @@ pub(crate) struct Item {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Body {
     /// One register value.
-    Register(#[serde(with = "serde_bytes")] Box<[u8]>),
+    Register(Blob),
     /// One node's running totals for a counter; its next increment replaces this slot.
     Counter { up: u64, down: u64 },
     /// One observed add of a set element.
-    SetElement(#[serde(with = "serde_bytes")] Box<[u8]>),
+    SetElement(Blob),
     /// A saved automerge document.
-    Document(#[serde(with = "serde_bytes")] Box<[u8]>),
+    Document(Blob),
     /// Marks that a delete (or set removal) happened, so anti-entropy can tell the key changed.
     /// Collected once causally stable.
     Tombstone,

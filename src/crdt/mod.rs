@@ -4,6 +4,7 @@
 //! deltas merge in causal order. Time is passed in by the caller, so the same inputs always give the
 //! same state. See `docs/architecture.md` for the model and the rules it keeps.
 
+mod blob;
 pub(crate) mod codec;
 mod delta;
 mod document;
@@ -20,6 +21,7 @@ mod value;
 mod version;
 mod write;
 
+pub use blob::Blob;
 pub use delta::{DELTA_FORMAT, Delta, MAX_DOCUMENT_LEN, MAX_VALUE_LEN, MAX_WRITE_SPAN};
 pub use document::{DocumentError, MAX_DEPTH as MAX_DOCUMENT_DEPTH};
 pub use entry::Kind;

@@ -11,7 +11,7 @@ use crate::crdt::entry::{Body, Entry, Item};
 use crate::crdt::feed::Feed;
 use crate::crdt::value::{counter_total, document_versions, read};
 use crate::crdt::{
-    CausalContext, Change, Delta, Dot, Error, Event, Hlc, HlcClock, Key, Kind, NodeId, Value,
+    Blob, CausalContext, Change, Delta, Dot, Error, Event, Hlc, HlcClock, Key, Kind, NodeId, Value,
     VersionVector, codec, document,
 };
 
@@ -25,8 +25,11 @@ const MAX_FEED_CURSOR: u64 = 1 << 62;
 /// Limits of a replica; [`ReplicaConfig::default`] suits most nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaConfig {
-    /// Events the change feed keeps for watchers to resume from.
+    /// Events the change feed keeps for watchers to resume from, at most.
     pub feed_capacity: usize,
+    /// Bytes of events ([`Event::size`]) the change feed keeps, at most: older events go first,
+    /// and a watcher resuming from before them is told the feed was compacted.
+    pub feed_bytes: usize,
     /// Write deltas held back while waiting for their causes, at most.
     pub buffer_deltas: usize,
     /// Bytes of held-back write deltas, at most (approximate).
@@ -37,6 +40,7 @@ impl Default for ReplicaConfig {
     fn default() -> Self {
         ReplicaConfig {
             feed_capacity: 10_000,
+            feed_bytes: 64 * 1024 * 1024,
             buffer_deltas: 65_536,
             buffer_bytes: 64 * 1024 * 1024,
         }
@@ -145,7 +149,7 @@ impl Replica {
             pending_deps: VersionVector::new(),
             held: BTreeMap::new(),
             held_bytes: 0,
-            feed: Feed::new(config.feed_capacity, 0),
+            feed: Feed::new(config.feed_capacity, config.feed_bytes, 0),
             config,
         }
     }
@@ -301,6 +305,21 @@ impl Replica {
         self.feed.last()
     }
 
+    /// The limits the replica was made with.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.config
+    }
+
+    /// Bytes of write deltas held back waiting for their causes ([`Delta::size`]).
+    pub fn held_back_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// How many events the change feed holds, and their bytes ([`Event::size`]).
+    pub fn feed_usage(&self) -> (usize, usize) {
+        self.feed.usage()
+    }
+
     /// Change events after `cursor`, oldest first; [`Error::Compacted`] when the feed no longer
     /// holds all of them.
     pub fn events_since(&self, cursor: u64) -> Result<impl Iterator<Item = &Event>, Error> {
@@ -314,7 +333,7 @@ impl Replica {
         check_len("value", value.len(), MAX_VALUE_LEN)?;
         self.write(key, Some(Kind::Register), now_millis, |entry, _| {
             let observed = entry.items.iter().map(|item| item.dot).collect();
-            Ok((vec![Body::Register(value.into_boxed_slice())], observed))
+            Ok((vec![Body::Register(Blob::from(value))], observed))
         })
     }
 
@@ -403,7 +422,7 @@ impl Replica {
                 .collect();
             let bodies = elements
                 .into_iter()
-                .map(|element| Body::SetElement(element.into_boxed_slice()))
+                .map(|element| Body::SetElement(Blob::from(element)))
                 .collect();
             Ok((bodies, observed))
         })
@@ -459,7 +478,7 @@ impl Replica {
                 .filter(|item| item.is_tombstone() || item.kind() == Some(Kind::Document))
                 .map(|item| item.dot)
                 .collect();
-            Ok((vec![Body::Document(saved.into_boxed_slice())], observed))
+            Ok((vec![Body::Document(Blob::from(saved))], observed))
         })
     }
 
@@ -557,7 +576,7 @@ impl Replica {
             if self.held.contains_key(&header.dot) {
                 return Ok(Applied::Buffered);
             }
-            let bytes = held_size(&delta);
+            let bytes = delta.size();
             if self.held.len() >= self.config.buffer_deltas
                 || self.held_bytes + bytes > self.config.buffer_bytes
             {
@@ -716,7 +735,7 @@ impl Replica {
 
     fn take_held(&mut self, dot: Dot) -> Option<Delta> {
         let delta = self.held.remove(&dot)?;
-        self.held_bytes = self.held_bytes.saturating_sub(held_size(&delta));
+        self.held_bytes = self.held_bytes.saturating_sub(delta.size());
         Some(delta)
     }
 
@@ -824,7 +843,7 @@ impl Replica {
     /// compacted instead of silently skipping new events.
     pub fn skip_cursor(&mut self, by: u64) {
         let last = self.feed.last().saturating_add(by).min(MAX_FEED_CURSOR);
-        self.feed = Feed::new(self.config.feed_capacity, last);
+        self.feed = Feed::new(self.config.feed_capacity, self.config.feed_bytes, last);
     }
 
     /// Rebuilds a replica from [`Replica::snapshot`] bytes, validating everything. Never panics;
@@ -876,7 +895,7 @@ impl Replica {
             pending_deps,
             held: BTreeMap::new(),
             held_bytes: 0,
-            feed: Feed::new(config.feed_capacity, body.feed_cursor),
+            feed: Feed::new(config.feed_capacity, config.feed_bytes, body.feed_cursor),
             config,
         })
     }
@@ -911,15 +930,6 @@ fn check_kind(key: &Key, entry: &Entry, expected: Kind) -> Result<(), Error> {
     }
 }
 
-fn held_size(delta: &Delta) -> usize {
-    delta
-        .entries
-        .iter()
-        .map(|(key, items)| key.as_bytes().len() + items.iter().map(Item::size).sum::<usize>())
-        .sum::<usize>()
-        + 64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -930,7 +940,7 @@ mod tests {
 
     fn register(replica: &Replica, name: &str) -> Option<Vec<u8>> {
         match replica.get(&key(name)).expect("readable") {
-            Some(Value::Register(register)) => Some(register.value),
+            Some(Value::Register(register)) => Some(register.value.to_vec()),
             Some(other) => panic!("{name} holds {other:?}"),
             None => None,
         }

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::crdt::entry::{Body, Entry};
-use crate::crdt::{Error, Hlc, Kind, document};
+use crate::crdt::{Blob, Error, Hlc, Kind, document};
 
 /// The current value of a key.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -34,8 +34,8 @@ impl Value {
 /// A register's value: every replica that holds the same writes picks the same winner.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Register {
-    /// The value with the highest timestamp (ties broken by node id).
-    pub value: Vec<u8>,
+    /// The value with the highest timestamp (ties broken by node id), shared with the replica.
+    pub value: Blob,
     /// When the winning value was written.
     pub written_at: Hlc,
     /// The other values written concurrently with the winner, highest timestamp first. Empty
@@ -46,8 +46,8 @@ pub struct Register {
 /// A value written concurrently with a register's winner.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Sibling {
-    /// The value.
-    pub value: Vec<u8>,
+    /// The value, shared with the replica.
+    pub value: Blob,
     /// When it was written.
     pub written_at: Hlc,
 }
@@ -59,7 +59,7 @@ pub(crate) fn read(entry: &Entry) -> Result<Option<Value>, Error> {
         && let Body::Register(value) = &item.body
     {
         return Ok(Some(Value::Register(Register {
-            value: value.to_vec(),
+            value: value.clone(),
             written_at: item.hlc(),
             siblings: Vec::new(),
         })));
@@ -82,7 +82,7 @@ fn read_register(entry: &Entry) -> Register {
             return None;
         };
         Some(Sibling {
-            value: value.to_vec(),
+            value: value.clone(),
             written_at: item.hlc(),
         })
     });

@@ -297,6 +297,7 @@ async fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
     let mut node = NodeConfig::new(config.bind, tls, seeds);
     // Half of the shutdown bound for open HTTP requests, the other half for the node.
     node.shutdown_timeout = config.shutdown_timeout / 2;
+    node.set_memory_budget(config.buffer_memory);
     let mut advertise_note = None;
     node.advertise = match &config.advertise {
         Some(advertise) => resolve(advertise).await?.into_iter().next(),

@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::daemon::offer::{SchedulingFlags, SchedulingSettings, Size};
-use crate::runtime::validate_node_name;
+use crate::daemon::offer::{self, SchedulingFlags, SchedulingSettings, Size};
+use crate::runtime::{DEFAULT_MEMORY_BUDGET, validate_node_name};
+use crate::sched::parse_size;
 
 /// Where the gossip endpoint listens unless told otherwise: every interface.
 pub const DEFAULT_BIND: &str = "0.0.0.0:7701";
@@ -43,6 +44,8 @@ pub const DEFAULT_HTTP: &str = "127.0.0.1:7700";
 pub const DEFAULT_DEV_NODE_ID: &str = "dev";
 /// How long a shutdown may take in all, unless configured.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// The smallest `--buffer-memory`: below it, the shares are too small to batch anything.
+pub const MIN_BUFFER_MEMORY: u64 = 16 * 1024 * 1024;
 
 /// The `mantissa agent` flags, as clap parses them (each also read from a `MANTISSA_*` variable).
 ///
@@ -127,6 +130,16 @@ pub struct AgentFlags {
     #[arg(long, env = "MANTISSA_SHUTDOWN_TIMEOUT_MS", value_name = "MILLIS")]
     pub shutdown_timeout_ms: Option<u64>,
 
+    /// The memory the node may spend on what it keeps for others, in bytes or a size such as
+    /// 256MiB [default: 256MiB]: the change feed watchers resume from, recent writes kept to
+    /// forward, peers' writes held back for their causes, watchers' queues and peers' send
+    /// queues. Past their share, the oldest change events and recent writes are dropped (a
+    /// watcher resuming from before them is told `compacted`), a watcher that stops reading is
+    /// paused, and messages to a slow peer are dropped for anti-entropy to repair. The stored
+    /// data itself is not bounded by it.
+    #[arg(long, env = "MANTISSA_BUFFER_MEMORY", value_name = "SIZE")]
+    pub buffer_memory: Option<String>,
+
     /// The scheduler's flags (a clap doc comment on a flattened field is not shown as help).
     #[command(flatten, next_help_heading = "Scheduling")]
     pub scheduling: SchedulingFlags,
@@ -165,6 +178,8 @@ pub struct FileConfig {
     pub max_body_bytes: Option<usize>,
     /// See [`AgentFlags::shutdown_timeout_ms`].
     pub shutdown_timeout_ms: Option<u64>,
+    /// See [`AgentFlags::buffer_memory`]: a number of bytes or a size string.
+    pub buffer_memory: Option<Size>,
     /// See [`SchedulingFlags::scheduler`].
     pub scheduler: Option<bool>,
     /// See [`SchedulingFlags::offer`]; `false` with `scheduler = true` is `--no-offer`.
@@ -206,6 +221,8 @@ pub struct AgentConfig {
     pub max_body_bytes: Option<usize>,
     /// How long a shutdown may take in all.
     pub shutdown_timeout: Duration,
+    /// What the node may keep for others, in bytes.
+    pub buffer_memory: usize,
     /// Whether the agent schedules, and what its machine offers.
     pub scheduling: SchedulingSettings,
 }
@@ -361,6 +378,33 @@ impl AgentConfig {
             return Err(invalid(setting, &setting.value, "must be at least 10 (ms)"));
         }
 
+        let buffer_memory = match (&flags.buffer_memory, &file.buffer_memory) {
+            (Some(text), _) => Some(
+                parse_size(text)
+                    .map_err(|reason| offer::invalid("--buffer-memory", text, reason))?,
+            ),
+            (None, Some(Size::Bytes(bytes))) => Some(*bytes),
+            (None, Some(Size::Text(text))) => Some(parse_size(text).map_err(|reason| {
+                offer::invalid(
+                    &format!("buffer_memory (in {})", file.path.display()),
+                    text,
+                    reason,
+                )
+            })?),
+            (None, None) => None,
+        };
+        let buffer_memory = match buffer_memory {
+            None => DEFAULT_MEMORY_BUDGET,
+            Some(bytes) if bytes < MIN_BUFFER_MEMORY => {
+                return Err(offer::invalid(
+                    "--buffer-memory",
+                    &bytes.to_string(),
+                    "must be at least 16MiB".to_owned(),
+                ));
+            }
+            Some(bytes) => usize::try_from(bytes).unwrap_or(usize::MAX),
+        };
+
         if dev && !join.is_empty() {
             return Err(ConfigError::Conflict(
                 "--join cannot be used with --dev: a dev node has its own throwaway CA, so no \
@@ -383,6 +427,7 @@ impl AgentConfig {
             shutdown_timeout: shutdown_timeout.map_or(DEFAULT_SHUTDOWN_TIMEOUT, |setting| {
                 Duration::from_millis(setting.value)
             }),
+            buffer_memory,
             scheduling,
         })
     }

@@ -207,7 +207,7 @@ fn split_pair(text: &str) -> Result<(&str, &str), &'static str> {
     }
 }
 
-fn invalid(setting: &str, value: &str, reason: impl std::fmt::Display) -> ConfigError {
+pub(crate) fn invalid(setting: &str, value: &str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
         setting: format!("{setting} {value:?}"),
         reason: reason.to_string(),

@@ -40,8 +40,11 @@ pub struct Config {
     pub anti_entropy_interval: Duration,
     /// How often tombstones that every live member has seen are collected.
     pub gc_interval: Duration,
-    /// Recently seen writes kept to answer peers that ask for one.
+    /// Recently seen writes kept to answer peers that ask for one, at most.
     pub recent_writes: usize,
+    /// Bytes of recently seen writes kept ([`crate::crdt::Delta::size`]), at most; older ones go
+    /// first and reach a peer that still lacks them through anti-entropy.
+    pub recent_writes_bytes: usize,
     /// The largest message accepted from a peer, in bytes.
     pub max_message_bytes: usize,
     /// Sync deltas larger than this travel in pieces of this size.
@@ -76,6 +79,7 @@ impl Config {
             anti_entropy_interval: Duration::from_secs(1),
             gc_interval: Duration::from_secs(10),
             recent_writes: 16_384,
+            recent_writes_bytes: 64 * 1024 * 1024,
             max_message_bytes: 64 * 1024 * 1024,
             sync_chunk_bytes: 1024 * 1024,
             max_sync_bytes: 1024 * 1024 * 1024,

@@ -52,7 +52,7 @@ pub use crate::crdt::Name as MemberName;
 pub use config::{Config, ConfigError};
 pub use member::Member;
 pub use message::PROTOCOL_VERSION;
-pub use node::{Channel, Destination, Event, Node, ProtocolError, Stats, Transmit};
+pub use node::{Channel, Destination, Event, Node, Part, ProtocolError, Stats, Transmit};
 /// Test-only (feature `testing`): the protocol's simulator, for this crate's tests and benches.
 #[cfg(any(test, feature = "testing"))]
 pub use simulation::{NetworkModel, Simulation, member as simulated_member};

@@ -47,6 +47,21 @@ pub struct Transmit {
     pub channel: Channel,
     /// The encoded message.
     pub payload: Vec<u8>,
+    /// When the message is one piece of a larger one (a sync delta sent in pieces), which: the
+    /// receiver can use the pieces only all together, so a runtime that must drop messages
+    /// should queue all pieces of a transfer or none. They are polled one after another.
+    pub part: Option<Part>,
+}
+
+/// Which piece of a transfer a [`Transmit`] carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// Names the transfer among this node's transfers.
+    pub transfer: u64,
+    /// The piece's position, from 0.
+    pub index: u32,
+    /// How many pieces the transfer has.
+    pub count: u32,
 }
 
 /// Something the application may want to know about.
@@ -214,7 +229,7 @@ impl Node {
         );
         let mut node = Node {
             me,
-            recent: RecentWrites::new(config.recent_writes),
+            recent: RecentWrites::new(config.recent_writes, config.recent_writes_bytes),
             config,
             replica,
             swim,
@@ -251,6 +266,16 @@ impl Node {
     /// This member.
     pub fn me(&self) -> &Member {
         &self.me
+    }
+
+    /// The protocol settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// How many recent writes are kept to forward and to answer peers, and their bytes.
+    pub fn recent_usage(&self) -> (usize, usize) {
+        self.recent.usage()
     }
 
     /// The replica, for reads.
@@ -602,7 +627,7 @@ impl Node {
             let message = Message::Push { hops, deltas };
             let payload = message.encode();
             for peer in &eager {
-                self.send_encoded(peer, message.kind(), payload.clone());
+                self.send_encoded(peer, message.kind(), payload.clone(), None);
             }
         }
         self.announce(&lazy, &dots);
@@ -778,7 +803,12 @@ impl Node {
                 count,
                 bytes: piece.to_vec(),
             };
-            self.send(to, &message);
+            let part = Part {
+                transfer: self.transfer_seq,
+                index: index as u32,
+                count,
+            };
+            self.send_encoded(to, message.kind(), message.encode(), Some(part));
         }
     }
 
@@ -837,11 +867,17 @@ impl Node {
             return Ok(());
         }
         let transfer = self.transfers.remove(from).expect("present: just updated");
-        let bytes: Vec<u8> = transfer.pieces.into_iter().flatten().flatten().collect();
+        // Each piece is freed as soon as it is copied, and the whole is freed once decoded: a
+        // large transfer costs about twice its size at its peak, not four times.
+        let mut bytes = Vec::with_capacity(transfer.bytes);
+        for piece in transfer.pieces.into_iter().flatten() {
+            bytes.extend_from_slice(&piece);
+        }
         let delta = Delta::decode(&bytes).map_err(|err| {
             self.stats.rejected_messages += 1;
             ProtocolError::Malformed(err)
         })?;
+        drop(bytes);
         self.apply_remote(delta)
             .map(drop)
             .map_err(ProtocolError::Apply)
@@ -1041,10 +1077,16 @@ impl Node {
     }
 
     fn send(&mut self, peer: &MemberName, message: &Message) {
-        self.send_encoded(peer, message.kind(), message.encode());
+        self.send_encoded(peer, message.kind(), message.encode(), None);
     }
 
-    fn send_encoded(&mut self, peer: &MemberName, kind: &'static str, payload: Vec<u8>) {
+    fn send_encoded(
+        &mut self,
+        peer: &MemberName,
+        kind: &'static str,
+        payload: Vec<u8>,
+        part: Option<Part>,
+    ) {
         let Some(&addr) = self.addresses.get(peer) else {
             return;
         };
@@ -1052,11 +1094,11 @@ impl Node {
             name: Some(peer.clone()),
             addr,
         };
-        self.transmit_encoded(to, Channel::Stream, kind, payload);
+        self.transmit_encoded(to, Channel::Stream, kind, payload, part);
     }
 
     fn transmit(&mut self, to: Destination, channel: Channel, message: &Message) {
-        self.transmit_encoded(to, channel, message.kind(), message.encode());
+        self.transmit_encoded(to, channel, message.kind(), message.encode(), None);
     }
 
     fn transmit_encoded(
@@ -1065,6 +1107,7 @@ impl Node {
         channel: Channel,
         kind: &'static str,
         payload: Vec<u8>,
+        part: Option<Part>,
     ) {
         self.stats.messages_sent += 1;
         self.stats.bytes_sent += payload.len() as u64;
@@ -1073,6 +1116,7 @@ impl Node {
             to,
             channel,
             payload,
+            part,
         });
     }
 }

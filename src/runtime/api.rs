@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -48,6 +49,10 @@ pub struct NodeConfig {
     /// handing what is queued to live peers and waiting for their receipt, the last checkpoint.
     /// Peers known to be down are never waited on. Default 2 s.
     pub shutdown_timeout: Duration,
+    /// Byte budgets of the queues the runtime keeps for watchers and peers. Set them, with the
+    /// replica's and the protocol's buffers, from one total with
+    /// [`NodeConfig::set_memory_budget`].
+    pub buffers: Buffers,
 }
 
 impl NodeConfig {
@@ -65,8 +70,80 @@ impl NodeConfig {
             wall_clock: Arc::new(system_millis),
             storage: None,
             shutdown_timeout: Duration::from_secs(2),
+            buffers: Buffers::from_total(DEFAULT_MEMORY_BUDGET),
+        }
+        .with_memory_budget(DEFAULT_MEMORY_BUDGET)
+    }
+
+    /// Bounds, in bytes, what the node keeps besides its keyspace — the change feed, the recent
+    /// writes kept to forward, the writes held back for their causes, received messages not
+    /// yet handled, watchers' queues and peers' send queues — by `total`, split among them (in
+    /// sixteenths): the change feed 3, all watchers 3 (one watcher 1), recent writes 2, held-back
+    /// writes 2, all peers' send queues 2 (one peer 1), received messages 4 (but never less than
+    /// the largest message, `transport.max_message_bytes`). Values are shared between these
+    /// buffers and the keyspace, so what they hold together is usually well below the sum. The
+    /// keyspace itself is not bounded by this: it holds what was written.
+    pub fn set_memory_budget(&mut self, total: usize) {
+        let sixteenth = total / 16;
+        self.replica.feed_bytes = 3 * sixteenth;
+        self.replica.buffer_bytes = 2 * sixteenth;
+        self.gossip.recent_writes_bytes = 2 * sixteenth;
+        self.transport.inbox_bytes = (4 * sixteenth).max(self.transport.max_message_bytes);
+        self.buffers = Buffers::from_total(total);
+    }
+
+    /// [`NodeConfig::set_memory_budget`], by value.
+    pub fn with_memory_budget(mut self, total: usize) -> Self {
+        self.set_memory_budget(total);
+        self
+    }
+}
+
+/// The default of [`NodeConfig::set_memory_budget`]: 256 MiB.
+pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
+
+/// Byte budgets of the runtime's queues. A queue that is empty takes any one item, however large,
+/// so a budget below the largest value never stops traffic; beyond that, the budget holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffers {
+    /// What one watcher's queue may hold ([`crdt::Event::size`]). A watcher whose reader falls
+    /// this far behind is paused: what it misses is replayed from the change feed as its reader
+    /// catches up, and it ends with [`WatchError::Compacted`] if the feed no longer holds it.
+    pub watcher_bytes: usize,
+    /// What all watchers' queues may hold together; past it, watchers are paused likewise.
+    pub watchers_bytes: usize,
+    /// Message bytes queued towards one peer; past it, messages to that peer are dropped (and
+    /// anti-entropy repairs what they carried).
+    pub peer_bytes: usize,
+    /// Message bytes queued towards all peers together.
+    pub peers_bytes: usize,
+}
+
+impl Buffers {
+    /// The split [`NodeConfig::set_memory_budget`] uses.
+    pub fn from_total(total: usize) -> Self {
+        let sixteenth = total / 16;
+        Buffers {
+            watcher_bytes: sixteenth,
+            watchers_bytes: 3 * sixteenth,
+            peer_bytes: sixteenth,
+            peers_bytes: 2 * sixteenth,
         }
     }
+}
+
+/// One bounded buffer of a node, as [`Status::buffers`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferUsage {
+    /// Which buffer: `change_feed`, `recent_writes`, `held_back`, `watchers`, `peer_queues` or
+    /// `inbox` (received messages not yet handled; its items are not counted).
+    pub name: &'static str,
+    /// The items it holds (events, writes, messages).
+    pub items: usize,
+    /// The bytes they hold (approximate; values shared between buffers count in each).
+    pub bytes: usize,
+    /// The most bytes it may hold.
+    pub budget: usize,
 }
 
 /// Why a [`Handle`] call failed.
@@ -173,6 +250,10 @@ pub struct Status {
     pub transport: TransportStats,
     /// Outgoing messages dropped because their peer's queue was full (in messages or bytes).
     pub peer_queue_dropped: u64,
+    /// The bounded buffers the node keeps for others: what each holds and may hold.
+    pub buffers: Vec<BufferUsage>,
+    /// Watchers paused because their readers fell behind by their byte or event budget.
+    pub watchers_paused: usize,
 }
 
 /// What [`Handle::digest`] answers.
@@ -190,12 +271,22 @@ pub struct StateDigest {
 /// Implements `futures_core::Stream`; [`Watch::next`] is the same without a combinator crate.
 pub struct Watch {
     pub(super) events: mpsc::Receiver<Result<ChangeEvent, WatchError>>,
+    /// What its queue holds, given back as events are taken.
+    pub(super) queued: QueuedBytes,
 }
 
 impl Watch {
     /// The next event, `None` when the node shut down.
     pub async fn next(&mut self) -> Option<Result<ChangeEvent, WatchError>> {
-        self.events.recv().await
+        let item = self.events.recv().await;
+        self.taken(&item);
+        item
+    }
+
+    fn taken(&self, item: &Option<Result<ChangeEvent, WatchError>>) {
+        if let Some(Ok(event)) = item {
+            self.queued.sub(event.size());
+        }
     }
 }
 
@@ -203,7 +294,56 @@ impl futures_core::Stream for Watch {
     type Item = Result<ChangeEvent, WatchError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.events.poll_recv(cx)
+        let item = std::task::ready!(self.events.poll_recv(cx));
+        self.taken(&item);
+        Poll::Ready(item)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // What is still queued no longer counts against the watchers' budget.
+        self.events.close();
+        while let Ok(item) = self.events.try_recv() {
+            self.taken(&Some(item));
+        }
+    }
+}
+
+/// The bytes of events queued for one watcher, also counted in the total of all watchers.
+#[derive(Clone, Debug, Default)]
+pub(super) struct QueuedBytes {
+    own: Arc<AtomicUsize>,
+    all: Arc<AtomicUsize>,
+}
+
+impl QueuedBytes {
+    /// A counter for a new watcher, adding to `all`.
+    pub(super) fn new(all: Arc<AtomicUsize>) -> Self {
+        QueuedBytes {
+            own: Arc::default(),
+            all,
+        }
+    }
+
+    pub(super) fn add(&self, bytes: usize) {
+        self.own.fetch_add(bytes, Ordering::SeqCst);
+        self.all.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    pub(super) fn sub(&self, bytes: usize) {
+        self.own.fetch_sub(bytes, Ordering::SeqCst);
+        self.all.fetch_sub(bytes, Ordering::SeqCst);
+    }
+
+    /// Bytes queued for this watcher.
+    pub(super) fn own(&self) -> usize {
+        self.own.load(Ordering::SeqCst)
+    }
+
+    /// Bytes queued for all watchers.
+    pub(super) fn all(&self) -> usize {
+        self.all.load(Ordering::SeqCst)
     }
 }
 

@@ -15,17 +15,17 @@ use tracing::{debug, info, warn};
 use crate::crdt::{Event as ChangeEvent, Key, Token, Value};
 use crate::gossip::{self, MemberName, Transmit};
 use crate::runtime::api::{
-    HandleError, RoundReport, SchedulingView, StateDigest, Status, WallClock, Watch, WatchError,
+    BufferUsage, Buffers, HandleError, QueuedBytes, RoundReport, SchedulingView, StateDigest,
+    Status, WallClock, Watch, WatchError,
 };
-use crate::runtime::host::{Command, Host, Output, RequestId, RoundRequest, WATCH_QUEUE, WatchId};
+use crate::runtime::host::{
+    Command, Host, Output, Queues, RequestId, Room, RoundRequest, WATCH_QUEUE, WatchId,
+};
 use crate::runtime::storage::Store;
 use crate::runtime::{Channel, Inbox, Received, StorageError, Transport};
 
 /// Messages queued towards one peer before new ones are dropped (anti-entropy repairs drops).
 const PEER_QUEUE: usize = 1024;
-/// Payload bytes queued towards one peer before new messages are dropped; raised to the
-/// protocol's largest message when that is larger, so every message can be sent.
-pub(super) const PEER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// Requests (or peers' messages) handled before the host's outputs are taken.
 const BATCH: usize = 256;
 /// How often a paused watcher's queue is looked at for room.
@@ -72,8 +72,10 @@ pub(super) struct Driver {
     wall_clock: WallClock,
     /// A sending task per peer address, so one slow peer never delays the others.
     peers: HashMap<SocketAddr, PeerQueue>,
-    /// Payload bytes each peer's queue may hold.
-    peer_queue_bytes: usize,
+    /// Payload bytes queued towards all peers.
+    peers_queued: Arc<AtomicUsize>,
+    /// Byte budgets of the watchers' and peers' queues.
+    buffers: Buffers,
     /// How long shutdown may take in all.
     shutdown_timeout: Duration,
     /// Messages dropped at a full peer queue.
@@ -89,7 +91,9 @@ pub(super) struct Driver {
     waits: HashMap<RequestId, Reply<()>>,
     next_request: RequestId,
     /// Each watcher's queue.
-    watches: HashMap<WatchId, mpsc::Sender<Result<ChangeEvent, WatchError>>>,
+    watches: HashMap<WatchId, WatchQueue>,
+    /// Bytes queued for all watchers.
+    watchers_queued: Arc<AtomicUsize>,
     /// Watchers whose queue was full (or that replay a backlog): the host replays what they
     /// missed from the change feed as their readers make room.
     paused: HashSet<WatchId>,
@@ -104,7 +108,7 @@ impl Driver {
         transport: Transport,
         wall_clock: WallClock,
         storage: Option<Box<dyn Store>>,
-        peer_queue_bytes: usize,
+        buffers: Buffers,
         shutdown_timeout: Duration,
     ) -> (Driver, mpsc::UnboundedReceiver<Saved>) {
         let (saved, acks) = mpsc::unbounded_channel();
@@ -113,7 +117,8 @@ impl Driver {
             transport,
             wall_clock,
             peers: HashMap::new(),
-            peer_queue_bytes,
+            peers_queued: Arc::default(),
+            buffers,
             shutdown_timeout,
             peer_queue_dropped: 0,
             senders: tokio::task::JoinSet::new(),
@@ -123,6 +128,7 @@ impl Driver {
             waits: HashMap::new(),
             next_request: 0,
             watches: HashMap::new(),
+            watchers_queued: Arc::default(),
             paused: HashSet::new(),
             nudges: Vec::new(),
         };
@@ -244,20 +250,32 @@ impl Driver {
                     .handle_command(now, 0, id, Command::WaitFor { token, deadline });
             }
             Request::Watch(prefix, from, reply) => {
-                let (events, receiver) = mpsc::channel(WATCH_QUEUE);
+                let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
+                let queued = QueuedBytes::new(self.watchers_queued.clone());
                 let watch = self.host.watch(prefix, from);
-                self.watches.insert(watch, events);
+                self.watches.insert(
+                    watch,
+                    WatchQueue {
+                        sender,
+                        queued: queued.clone(),
+                    },
+                );
                 if from.is_some() {
                     // Its backlog is replayed as the reader takes it.
                     self.paused.insert(watch);
                 }
-                let _ = reply.send(Ok(Watch { events: receiver }));
+                let _ = reply.send(Ok(Watch {
+                    events: receiver,
+                    queued,
+                }));
             }
             Request::Status(reply) => {
+                let queues = self.queues();
                 let _ = reply.send(Ok(self.host.status(
                     self.storage.as_ref().map(|storage| storage.stats()),
                     self.transport.stats(),
                     self.peer_queue_dropped,
+                    queues,
                 )));
             }
             Request::Digest(reply) => {
@@ -314,7 +332,7 @@ impl Driver {
             let closed: Vec<WatchId> = self
                 .watches
                 .iter()
-                .filter(|(_, events)| events.is_closed())
+                .filter(|(_, queue)| queue.sender.is_closed())
                 .map(|(watch, _)| *watch)
                 .collect();
             for watch in closed {
@@ -361,34 +379,65 @@ impl Driver {
         }
     }
 
-    /// Queues one change for a watcher. A watcher whose queue is full is paused rather than
-    /// allowed to block the node or lose changes: `true` when this paused it.
+    /// Queues one change for a watcher. A watcher whose queue is full — in events, in its own
+    /// bytes or in all watchers' bytes — is paused rather than allowed to block the node, grow
+    /// without bound or lose changes: `true` when this paused it.
     fn deliver(&mut self, watch: WatchId, event: Result<ChangeEvent, WatchError>) -> bool {
-        let Some(events) = self.watches.get(&watch) else {
+        let Some(queue) = self.watches.get(&watch) else {
             return false;
         };
-        let cursor = event.as_ref().ok().map(|event| event.cursor);
-        match events.try_send(event) {
+        let (cursor, size) = match &event {
+            Ok(event) => (Some(event.cursor), event.size()),
+            Err(_) => (None, 0),
+        };
+        if let Some(cursor) = cursor {
+            let room = self.room(queue);
+            if !room.fits(0, 0, size) {
+                self.host.pause_watch(watch, cursor - 1);
+                self.paused.insert(watch);
+                return true;
+            }
+            queue.queued.add(size);
+        }
+        match queue.sender.try_send(event) {
             Ok(()) if cursor.is_some() => return false,
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) if let Some(cursor) = cursor => {
+                queue.queued.sub(size);
                 self.host.pause_watch(watch, cursor - 1);
                 self.paused.insert(watch);
                 return true;
             }
             Err(mpsc::error::TrySendError::Full(last)) => {
                 // The error that ends the watch still reaches the reader, after the rest.
-                let events = events.clone();
+                let events = queue.sender.clone();
                 tokio::spawn(async move {
                     let _ = events.send(last).await;
                 });
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                queue.queued.sub(size);
+            }
         }
         self.watches.remove(&watch);
         self.paused.remove(&watch);
         self.host.cancel_watch(watch);
         false
+    }
+
+    /// The room left in a watcher's queue, by its own budgets and by all watchers' budget.
+    fn room(&self, queue: &WatchQueue) -> Room {
+        let own = queue.queued.own();
+        let all = queue.queued.all();
+        Room {
+            events: queue.sender.capacity(),
+            bytes: self
+                .buffers
+                .watcher_bytes
+                .saturating_sub(own)
+                .min(self.buffers.watchers_bytes.saturating_sub(all)),
+            empty: own == 0,
+        }
     }
 
     /// Lets the host replay to paused watchers what fits in their queues now.
@@ -398,19 +447,22 @@ impl Driver {
         }
         let paused: Vec<WatchId> = self.paused.iter().copied().collect();
         for watch in paused {
-            let Some(events) = self.watches.get(&watch) else {
+            let Some(queue) = self.watches.get(&watch) else {
                 self.paused.remove(&watch);
                 continue;
             };
-            if events.is_closed() {
+            if queue.sender.is_closed() {
                 self.watches.remove(&watch);
                 self.paused.remove(&watch);
                 self.host.cancel_watch(watch);
                 continue;
             }
-            let room = events.capacity();
-            // Wait for a useful amount of room, unless the queue is empty.
-            if room < WATCH_QUEUE / 4 && room < events.max_capacity() {
+            // Wait for a useful amount of room (a quarter of the queue's events and half of its
+            // bytes), unless the queue is empty.
+            let room = self.room(queue);
+            let useful =
+                room.events >= WATCH_QUEUE / 4 && room.bytes >= self.buffers.watcher_bytes / 2;
+            if !room.empty && !useful {
                 continue;
             }
             if self.host.resume_watch(watch, room) {
@@ -419,20 +471,84 @@ impl Driver {
         }
     }
 
+    /// What the watchers' and peers' queues hold, for status.
+    fn queues(&self) -> Queues {
+        let watched: usize = self
+            .watches
+            .values()
+            .map(|queue| queue.sender.max_capacity() - queue.sender.capacity())
+            .sum();
+        let sent: usize = self
+            .peers
+            .values()
+            .map(|queue| queue.sender.max_capacity() - queue.sender.capacity())
+            .sum();
+        let inbox = self.transport.stats();
+        Queues {
+            watchers: BufferUsage {
+                name: "watchers",
+                items: watched,
+                bytes: self.watchers_queued.load(Ordering::SeqCst),
+                budget: self.buffers.watchers_bytes,
+            },
+            peers: BufferUsage {
+                name: "peer_queues",
+                items: sent,
+                bytes: self.peers_queued.load(Ordering::SeqCst),
+                budget: self.buffers.peers_bytes,
+            },
+            inbox: BufferUsage {
+                name: "inbox",
+                items: 0,
+                bytes: usize::try_from(inbox.inbox_bytes).unwrap_or(usize::MAX),
+                budget: usize::try_from(inbox.inbox_budget).unwrap_or(usize::MAX),
+            },
+            watchers_paused: self.paused.len(),
+        }
+    }
+
     fn dispatch(&mut self, transmit: Transmit) {
         let addr = transmit.to.addr;
         let queue = self.peers.entry(addr).or_insert_with(|| {
-            let (mut queue, receiver) = PeerQueue::new(PEER_QUEUE, self.peer_queue_bytes);
+            let (mut queue, receiver) = PeerQueue::new(
+                PEER_QUEUE,
+                self.buffers.peer_bytes,
+                self.peers_queued.clone(),
+                self.buffers.peers_bytes,
+            );
             queue.sender_task = Some(self.senders.spawn(send_loop(
                 self.transport.clone(),
                 receiver,
                 queue.queued.clone(),
+                queue.all.clone(),
             )));
             queue
         });
-        if !queue.offer(transmit) {
-            self.peer_queue_dropped += 1;
-            debug!(%addr, "peer queue full; message dropped (anti-entropy will repair)");
+        // The pieces of a transfer are useful only together: gather them, then queue all or none.
+        let messages = match transmit.part {
+            None => vec![transmit],
+            Some(part) => {
+                let pieces = queue.pieces.get_or_insert_with(Vec::new);
+                if part.index == 0 {
+                    pieces.clear();
+                }
+                pieces.push(transmit);
+                if part.index + 1 < part.count {
+                    return;
+                }
+                let pieces = queue.pieces.take().unwrap_or_default();
+                if pieces.len() != part.count as usize {
+                    // Pieces are polled one after another; a gap is a bug of the protocol.
+                    warn!(%addr, "an incomplete transfer was not sent");
+                    return;
+                }
+                pieces
+            }
+        };
+        let count = messages.len();
+        if !queue.offer(messages) {
+            self.peer_queue_dropped += count as u64;
+            debug!(%addr, count, "peer queue full; messages dropped (anti-entropy will repair)");
         }
     }
 
@@ -514,38 +630,59 @@ fn log_membership(event: &gossip::Event) {
     }
 }
 
-/// The queue towards one peer's sending task, bounded in messages and in payload bytes.
+/// One watcher's queue, and the bytes it holds (given back by the reader's [`Watch`]).
+struct WatchQueue {
+    sender: mpsc::Sender<Result<ChangeEvent, WatchError>>,
+    queued: QueuedBytes,
+}
+
+/// The queue towards one peer's sending task, bounded in messages and in payload bytes, its own
+/// and all peers' together. Each item is one message or all the pieces of a transfer. An empty
+/// queue takes any one item, so every message and transfer can be sent.
 struct PeerQueue {
-    sender: mpsc::Sender<Transmit>,
+    sender: mpsc::Sender<Vec<Transmit>>,
+    /// The pieces of a transfer gathered so far.
+    pieces: Option<Vec<Transmit>>,
     /// Payload bytes queued and not yet handed to the transport; the sending task gives them
     /// back once it has written each message.
     queued: Arc<AtomicUsize>,
     /// The most `queued` may reach.
     budget: usize,
+    /// Payload bytes queued towards all peers, and the most it may reach.
+    all: Arc<AtomicUsize>,
+    all_budget: usize,
     /// The sending task, to abandon what it holds for a peer known to be down.
     sender_task: Option<tokio::task::AbortHandle>,
 }
 
 impl PeerQueue {
-    fn new(messages: usize, budget: usize) -> (PeerQueue, mpsc::Receiver<Transmit>) {
+    fn new(
+        messages: usize,
+        budget: usize,
+        all: Arc<AtomicUsize>,
+        all_budget: usize,
+    ) -> (PeerQueue, mpsc::Receiver<Vec<Transmit>>) {
         let (sender, receiver) = mpsc::channel(messages);
         let queue = PeerQueue {
             sender,
+            pieces: None,
             queued: Arc::new(AtomicUsize::new(0)),
             budget,
+            all,
+            all_budget,
             sender_task: None,
         };
         (queue, receiver)
     }
 
-    /// Queues `transmit` unless that would exceed the queue's messages or bytes; `false` when
-    /// the message was dropped.
-    fn offer(&self, transmit: Transmit) -> bool {
-        let len = transmit.payload.len();
+    /// Queues `messages` (one, or a transfer's pieces) unless that would exceed the queue's
+    /// items or bytes; `false` when they were dropped.
+    fn offer(&self, messages: Vec<Transmit>) -> bool {
+        let len: usize = messages.iter().map(|transmit| transmit.payload.len()).sum();
         let fits = |queued: usize| {
-            queued
-                .checked_add(len)
-                .filter(|total| *total <= self.budget)
+            let total = queued.checked_add(len)?;
+            let all = self.all.load(Ordering::SeqCst).saturating_add(len);
+            (queued == 0 || (total <= self.budget && all <= self.all_budget)).then_some(total)
         };
         if self
             .queued
@@ -554,8 +691,10 @@ impl PeerQueue {
         {
             return false;
         }
-        if self.sender.try_send(transmit).is_err() {
+        self.all.fetch_add(len, Ordering::SeqCst);
+        if self.sender.try_send(messages).is_err() {
             self.queued.fetch_sub(len, Ordering::SeqCst);
+            self.all.fetch_sub(len, Ordering::SeqCst);
             return false;
         }
         true
@@ -564,23 +703,27 @@ impl PeerQueue {
 
 async fn send_loop(
     transport: Transport,
-    mut queue: mpsc::Receiver<Transmit>,
+    mut queue: mpsc::Receiver<Vec<Transmit>>,
     queued: Arc<AtomicUsize>,
+    all: Arc<AtomicUsize>,
 ) {
-    while let Some(transmit) = queue.recv().await {
-        let len = transmit.payload.len();
-        let channel = match transmit.channel {
-            gossip::Channel::Datagram => Channel::Datagram,
-            _ => Channel::Stream,
-        };
-        let expect = transmit.to.name.as_ref().map(MemberName::as_str);
-        if let Err(err) = transport
-            .send(transmit.to.addr, expect, channel, transmit.payload)
-            .await
-        {
-            debug!(addr = %transmit.to.addr, error = %err, "send failed");
+    while let Some(messages) = queue.recv().await {
+        for transmit in messages {
+            let len = transmit.payload.len();
+            let channel = match transmit.channel {
+                gossip::Channel::Datagram => Channel::Datagram,
+                _ => Channel::Stream,
+            };
+            let expect = transmit.to.name.as_ref().map(MemberName::as_str);
+            if let Err(err) = transport
+                .send(transmit.to.addr, expect, channel, transmit.payload)
+                .await
+            {
+                debug!(addr = %transmit.to.addr, error = %err, "send failed");
+            }
+            queued.fetch_sub(len, Ordering::SeqCst);
+            all.fetch_sub(len, Ordering::SeqCst);
         }
-        queued.fetch_sub(len, Ordering::SeqCst);
     }
 }
 
@@ -596,33 +739,67 @@ mod tests {
             },
             channel: gossip::Channel::Stream,
             payload: vec![0; len],
+            part: None,
         }
     }
 
     #[test]
     fn peer_queue_drops_what_exceeds_its_byte_budget() {
         // A peer that never reads: the receiver is kept but never drained.
-        let (queue, mut receiver) = PeerQueue::new(PEER_QUEUE, 1000);
-        assert!(queue.offer(transmit(600)));
-        assert!(!queue.offer(transmit(600)), "over the byte budget");
-        assert!(queue.offer(transmit(400)), "exactly fills the budget");
-        assert!(!queue.offer(transmit(1)), "nothing more fits");
+        let (queue, mut receiver) = PeerQueue::new(PEER_QUEUE, 1000, Arc::default(), usize::MAX);
+        assert!(queue.offer(vec![transmit(600)]));
+        assert!(!queue.offer(vec![transmit(600)]), "over the byte budget");
+        assert!(queue.offer(vec![transmit(400)]), "exactly fills the budget");
+        assert!(!queue.offer(vec![transmit(1)]), "nothing more fits");
         assert_eq!(queue.queued.load(Ordering::SeqCst), 1000);
 
         // What the sending task does once it has written a message: give its bytes back.
         let sent = receiver.try_recv().expect("queued message");
-        queue.queued.fetch_sub(sent.payload.len(), Ordering::SeqCst);
-        assert!(queue.offer(transmit(600)));
+        queue
+            .queued
+            .fetch_sub(sent[0].payload.len(), Ordering::SeqCst);
+        assert!(queue.offer(vec![transmit(600)]));
         assert_eq!(receiver.len(), 2);
     }
 
     #[test]
     fn peer_queue_still_bounds_messages() {
-        let (queue, _receiver) = PeerQueue::new(2, 1000);
-        assert!(queue.offer(transmit(1)));
-        assert!(queue.offer(transmit(1)));
-        assert!(!queue.offer(transmit(1)), "over the message bound");
+        let (queue, _receiver) = PeerQueue::new(2, 1000, Arc::default(), usize::MAX);
+        assert!(queue.offer(vec![transmit(1)]));
+        assert!(queue.offer(vec![transmit(1)]));
+        assert!(!queue.offer(vec![transmit(1)]), "over the message bound");
         // A message refused for the count gives its bytes back.
         assert_eq!(queue.queued.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_transfer_is_queued_whole_or_not_at_all_and_an_empty_queue_takes_it_whole() {
+        let all = Arc::new(AtomicUsize::new(0));
+        let (queue, mut receiver) = PeerQueue::new(PEER_QUEUE, 1000, all.clone(), 1500);
+        let transfer = || (0..3).map(|_| transmit(600)).collect::<Vec<_>>();
+        // Larger than the budget, but the queue is empty: all of it goes, as one item.
+        assert!(queue.offer(transfer()));
+        assert_eq!(queue.queued.load(Ordering::SeqCst), 1800);
+        assert_eq!(all.load(Ordering::SeqCst), 1800);
+        // Nothing fits behind it, not even one piece of another transfer.
+        assert!(!queue.offer(transfer()));
+        assert!(!queue.offer(vec![transmit(1)]));
+        assert_eq!(receiver.len(), 1);
+        assert_eq!(receiver.try_recv().expect("queued").len(), 3);
+    }
+
+    #[test]
+    fn peer_queues_share_one_budget_for_all_peers() {
+        let all = Arc::new(AtomicUsize::new(0));
+        let (first, _one) = PeerQueue::new(PEER_QUEUE, 1000, all.clone(), 1000);
+        let (second, _two) = PeerQueue::new(PEER_QUEUE, 1000, all.clone(), 1000);
+        assert!(first.offer(vec![transmit(700)]));
+        assert!(
+            second.offer(vec![transmit(300)]),
+            "its own budget and the total hold it"
+        );
+        assert!(!second.offer(vec![transmit(1)]), "the total is spent");
+        assert!(!first.offer(vec![transmit(1)]));
+        assert_eq!(all.load(Ordering::SeqCst), 1000);
     }
 }

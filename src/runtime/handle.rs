@@ -15,7 +15,7 @@ use crate::runtime::api::{
     HandleError, NodeConfig, Roles, RoundReport, SchedulingView, StartError, StateDigest, Status,
     WallClock, Watch,
 };
-use crate::runtime::driver::{Driver, PEER_QUEUE_BYTES, Reply, Request};
+use crate::runtime::driver::{Driver, Reply, Request};
 use crate::runtime::host::{Command, Host, RoundRequest, SchedWrite};
 use crate::runtime::storage::{Storage, Store};
 use crate::runtime::{Inbox, StorageError, Transport};
@@ -126,7 +126,7 @@ fn launch(
         transport,
         config.wall_clock.clone(),
         storage,
-        PEER_QUEUE_BYTES.max(config.gossip.max_message_bytes),
+        config.buffers,
         config.shutdown_timeout,
     );
     let (requests, receiver) = mpsc::channel(1024);
@@ -433,9 +433,16 @@ mod tests {
     use super::*;
     use crate::runtime::host::WATCH_QUEUE;
     use crate::runtime::storage::memory::MemoryStore;
-    use crate::runtime::{ClusterCa, TlsConfig, TransportConfig};
+    use crate::runtime::{Buffers, ClusterCa, TlsConfig, TransportConfig, WatchError};
 
     async fn node_with(store: &MemoryStore) -> Handle {
+        node_configured(store, |_| {}).await
+    }
+
+    async fn node_configured(
+        store: &MemoryStore,
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> Handle {
         let ca = ClusterCa::generate("test").expect("a CA");
         let credentials = ca
             .issue("node-a", Duration::from_secs(3600))
@@ -445,8 +452,9 @@ mod tests {
         let (transport, inbox) = Transport::bind(bind, tls.clone(), TransportConfig::default())
             .await
             .expect("bind");
-        let config = NodeConfig::new(bind, tls, vec![]);
-        let replica = Replica::new(NodeId(7));
+        let mut config = NodeConfig::new(bind, tls, vec![]);
+        configure(&mut config);
+        let replica = Replica::with_config(NodeId(7), config.replica.clone());
         launch(
             config,
             transport,
@@ -511,6 +519,82 @@ mod tests {
         node.put("w/live", "v").await.expect("put");
         let event = watch.next().await.expect("open").expect("event");
         assert_eq!(event.key.as_bytes(), b"w/live");
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_stops_reading_holds_no_more_than_its_byte_budget_and_never_slows_others()
+     {
+        const BUDGET: usize = 16 << 20;
+        const VALUE: usize = 100 << 10;
+        const WRITES: usize = 120;
+        let store = MemoryStore::default();
+        let node = node_configured(&store, |config| config.set_memory_budget(BUDGET)).await;
+        let buffers = Buffers::from_total(BUDGET);
+        let mut stalled = node.watch("big/", None).await.expect("watch");
+        let mut reader = node.watch("big/", None).await.expect("watch");
+        let reading = tokio::spawn(async move {
+            let mut keys = Vec::new();
+            while keys.len() < WRITES {
+                match tokio::time::timeout(Duration::from_secs(20), reader.next()).await {
+                    Ok(Some(Ok(event))) => keys.push(event.key.as_bytes().to_vec()),
+                    other => panic!("after {} events: {other:?}", keys.len()),
+                }
+            }
+            keys
+        });
+        for i in 0..WRITES {
+            node.put(format!("big/{i:03}"), vec![i as u8; VALUE])
+                .await
+                .expect("put");
+        }
+        // The reader that keeps up gets every change, in order, while the other one stalls.
+        let keys = reading.await.expect("the reader got everything");
+        let expected: Vec<Vec<u8>> = (0..WRITES)
+            .map(|i| format!("big/{i:03}").into_bytes())
+            .collect();
+        assert_eq!(keys, expected);
+
+        let status = node.status().await.expect("status");
+        let usage = |name: &str| {
+            status
+                .buffers
+                .iter()
+                .find(|buffer| buffer.name == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {name} in {:?}", status.buffers))
+        };
+        assert_eq!(status.watchers_paused, 1, "{:?}", status.buffers);
+        let watchers = usage("watchers");
+        let event_bytes = VALUE + 1024;
+        assert!(
+            watchers.bytes <= buffers.watcher_bytes + event_bytes,
+            "the stalled watcher holds {} bytes, its budget is {}",
+            watchers.bytes,
+            buffers.watcher_bytes
+        );
+        let feed = usage("change_feed");
+        assert!(feed.bytes <= feed.budget, "{feed:?}");
+        assert!(
+            feed.items < WRITES,
+            "the feed dropped its oldest events: {feed:?}"
+        );
+
+        // When the stalled reader comes back it gets what was queued, in order, then is told it
+        // fell behind what the feed holds — nothing is skipped silently.
+        let mut cursors = Vec::new();
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(20), stalled.next()).await {
+                Ok(Some(Ok(event))) => cursors.push(event.cursor),
+                Ok(Some(Err(error))) => break error,
+                other => panic!("after {} events: {other:?}", cursors.len()),
+            }
+        };
+        assert!(
+            matches!(end, WatchError::Compacted { .. }),
+            "ended with {end:?}"
+        );
+        assert!(!cursors.is_empty() && cursors.len() < WRITES);
+        assert!(cursors.windows(2).all(|pair| pair[1] == pair[0] + 1));
     }
 
     #[tokio::test]

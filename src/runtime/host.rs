@@ -21,7 +21,8 @@ use tracing::{debug, warn};
 use crate::crdt::{Delta, Dot, Event as ChangeEvent, Key, Token, Value, Write};
 use crate::gossip::{self, MemberName, Node, Transmit};
 use crate::runtime::api::{
-    HandleError, Roles, RoundReport, SchedulingView, StateDigest, Status, SyncState, WatchError,
+    BufferUsage, HandleError, Roles, RoundReport, SchedulingView, StateDigest, Status, SyncState,
+    WatchError,
 };
 use crate::runtime::{StorageStats, TransportStats};
 use crate::sched::{self, Cluster, JobSpec, Name, NodeRecord, QuotaSpec, SchedError, ViewCache};
@@ -32,6 +33,37 @@ pub(crate) const WATCH_QUEUE: usize = 4096;
 /// Names a command answered later, by an [`Output`]; chosen by the driver, unique among the
 /// commands it has not yet had answered.
 pub(crate) type RequestId = u64;
+
+/// The driver's queues, for [`Host::status`].
+pub(crate) struct Queues {
+    /// All watchers' queues together.
+    pub(crate) watchers: BufferUsage,
+    /// All peers' send queues together.
+    pub(crate) peers: BufferUsage,
+    /// Received messages not yet handled.
+    pub(crate) inbox: BufferUsage,
+    /// Watchers paused because their queue was full.
+    pub(crate) watchers_paused: usize,
+}
+
+/// The room in a paused watcher's queue, for [`Host::resume_watch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Room {
+    /// Events it may take.
+    pub(crate) events: usize,
+    /// Bytes ([`crate::crdt::Event::size`]) it may take.
+    pub(crate) bytes: usize,
+    /// Whether the queue is empty: then it takes one event even when that event is larger
+    /// than `bytes`, so a value larger than a budget never stops a watcher.
+    pub(crate) empty: bool,
+}
+
+impl Room {
+    /// Whether an event of `size` bytes fits after `sent` events of `bytes` in all.
+    pub(crate) fn fits(&self, sent: usize, bytes: usize, size: usize) -> bool {
+        sent < self.events && (bytes + size <= self.bytes || (sent == 0 && self.empty))
+    }
+}
 
 /// Names a watcher; chosen by the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -302,10 +334,10 @@ impl Host {
         }
     }
 
-    /// Replays up to `room` changes to a paused watcher, in cursor order; once it has caught
-    /// up it is served live again. `true` when it is live (or gone). A watcher whose place is
-    /// no longer in the change feed ends with [`WatchError::Compacted`].
-    pub(crate) fn resume_watch(&mut self, watch: WatchId, room: usize) -> bool {
+    /// Replays to a paused watcher, in cursor order, the changes that fit `room` in its queue;
+    /// once it has caught up it is served live again. `true` when it is live (or gone). A
+    /// watcher whose place is no longer in the change feed ends with [`WatchError::Compacted`].
+    pub(crate) fn resume_watch(&mut self, watch: WatchId, room: Room) -> bool {
         let Some(watcher) = self.watchers.get_mut(&watch) else {
             return true;
         };
@@ -325,15 +357,18 @@ impl Host {
             Err(_) => return false,
         };
         let mut sent = 0;
+        let mut bytes = 0;
         let mut last = position;
         let mut full = false;
         for event in events.take_while(|event| event.cursor <= self.cursor) {
             if event.key.as_bytes().starts_with(&watcher.prefix) {
-                if sent == room {
+                let size = event.size();
+                if !room.fits(sent, bytes, size) {
                     full = true;
                     break;
                 }
                 sent += 1;
+                bytes += size;
                 self.outputs.push_back(Output::Event {
                     watch,
                     event: Ok(event.clone()),
@@ -559,8 +594,34 @@ impl Host {
         storage: Option<StorageStats>,
         transport: TransportStats,
         peer_queue_dropped: u64,
+        queues: Queues,
     ) -> Status {
         let replica = self.node.replica();
+        let (feed_events, feed_bytes) = replica.feed_usage();
+        let (recent_writes, recent_bytes) = self.node.recent_usage();
+        let buffers = vec![
+            BufferUsage {
+                name: "change_feed",
+                items: feed_events,
+                bytes: feed_bytes,
+                budget: replica.config().feed_bytes,
+            },
+            BufferUsage {
+                name: "recent_writes",
+                items: recent_writes,
+                bytes: recent_bytes,
+                budget: self.node.config().recent_writes_bytes,
+            },
+            BufferUsage {
+                name: "held_back",
+                items: replica.held_back(),
+                bytes: replica.held_back_bytes(),
+                budget: replica.config().buffer_bytes,
+            },
+            queues.watchers,
+            queues.peers,
+            queues.inbox,
+        ];
         let version = replica.version();
         let reports = self.node.reports();
         let peers = self
@@ -587,6 +648,8 @@ impl Host {
             storage,
             transport,
             peer_queue_dropped,
+            buffers,
+            watchers_paused: queues.watchers_paused,
         }
     }
 

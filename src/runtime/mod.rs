@@ -36,8 +36,8 @@ mod tls;
 mod transport;
 
 pub use api::{
-    HandleError, NodeConfig, Roles, RoundReport, SchedulingView, StartError, StateDigest, Status,
-    SyncState, WallClock, Watch, WatchError,
+    BufferUsage, Buffers, DEFAULT_MEMORY_BUDGET, HandleError, NodeConfig, Roles, RoundReport,
+    SchedulingView, StartError, StateDigest, Status, SyncState, WallClock, Watch, WatchError,
 };
 /// Test-only (feature `testing`): starts a node over a transport the caller bound.
 #[cfg(feature = "testing")]

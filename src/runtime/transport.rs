@@ -153,6 +153,8 @@ pub struct TransportStats {
     pub inbox_bytes: u64,
     /// The highest `inbox_bytes` since the transport started.
     pub inbox_bytes_max: u64,
+    /// The most `inbox_bytes` may reach ([`TransportConfig::inbox_bytes`]).
+    pub inbox_budget: u64,
     /// Connections this node dialed successfully.
     pub connections_dialed: u64,
     /// Connections this node accepted successfully.
@@ -642,6 +644,8 @@ struct InboxBudget {
     held: AtomicU64,
     /// The highest `held` seen.
     held_max: AtomicU64,
+    /// The permits it started with.
+    total: u64,
 }
 
 /// The inbox bytes one received message holds, returned when it is dropped.
@@ -1461,6 +1465,7 @@ impl InboxBudget {
             permits: Semaphore::new(permits as usize),
             held: AtomicU64::new(0),
             held_max: AtomicU64::new(0),
+            total: u64::from(permits),
         }
     }
 
@@ -1536,6 +1541,7 @@ impl Counters {
             connections_accepted: get(&self.connections_accepted),
             inbox_bytes: get(&inbox.held),
             inbox_bytes_max: get(&inbox.held_max),
+            inbox_budget: inbox.total,
         }
     }
 }

@@ -219,7 +219,24 @@ pub(super) fn status(status: &Status) -> Json {
         },
         "storage": status.storage.as_ref().map_or(Json::Null, storage),
         "transport": transport(&status.transport),
+        "buffers": buffers(status),
     })
+}
+
+/// Each bounded buffer by name: what it holds and may hold.
+fn buffers(status: &Status) -> Json {
+    let mut map = Map::new();
+    for buffer in &status.buffers {
+        map.insert(
+            buffer.name.to_owned(),
+            json!({ "items": buffer.items, "bytes": buffer.bytes, "budget": buffer.budget }),
+        );
+    }
+    map.insert(
+        "watchers_paused".to_owned(),
+        Json::from(status.watchers_paused),
+    );
+    Json::Object(map)
 }
 
 fn transport(stats: &TransportStats) -> Json {
@@ -264,10 +281,10 @@ mod tests {
     #[test]
     fn utf8_values_are_strings_and_other_bytes_base64() {
         let register = Value::Register(Register {
-            value: vec![0xff, 0x00],
+            value: vec![0xff, 0x00].into(),
             written_at: hlc(),
             siblings: vec![Sibling {
-                value: b"other".to_vec(),
+                value: b"other".into(),
                 written_at: hlc(),
             }],
         });

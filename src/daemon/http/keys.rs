@@ -60,7 +60,8 @@ pub(super) async fn get(State(shared): State<AppState>, uri: Uri) -> Result<Resp
     let Value::Register(register) = value else {
         return Err(wrong_type(&key, Kind::Register, value.kind()));
     };
-    let mut response = register.value.into_response();
+    // The response body holds the stored value itself: no copy of a large value.
+    let mut response = axum::body::Bytes::from_owner(register.value).into_response();
     let headers = response.headers_mut();
     headers.insert(
         CONTENT_TYPE,

@@ -377,6 +377,36 @@ fn render_status(status: &Status, out: &mut Exposition) {
         "Outgoing messages dropped because a peer's queue was full (in messages or bytes).",
         status.peer_queue_dropped,
     );
+    for (family, help) in [
+        (
+            "mantissa_buffer_bytes",
+            "Bytes held by each bounded buffer the node keeps for others (values shared between buffers count in each).",
+        ),
+        (
+            "mantissa_buffer_budget_bytes",
+            "The most bytes each bounded buffer may hold (see --buffer-memory).",
+        ),
+        (
+            "mantissa_buffer_items",
+            "Items held by each bounded buffer.",
+        ),
+    ] {
+        out.family(family, "gauge", help);
+        for buffer in &status.buffers {
+            let value = match family {
+                "mantissa_buffer_bytes" => buffer.bytes,
+                "mantissa_buffer_budget_bytes" => buffer.budget,
+                _ => buffer.items,
+            };
+            out.sample(family, &[("buffer", buffer.name)], value);
+        }
+    }
+    out.single(
+        "mantissa_watchers_paused",
+        "gauge",
+        "Watchers paused because their reader fell a queue's budget behind.",
+        status.watchers_paused,
+    );
     out.single(
         "mantissa_inbox_bytes",
         "gauge",

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value as Json, json};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::crdt::Event;
 use crate::daemon::http::error::{ApiError, error_body};
@@ -25,8 +25,12 @@ use crate::daemon::http::request::Params;
 use crate::daemon::http::{AppState, Shared, encode};
 use crate::runtime::{Watch, WatchError};
 
-/// Lines buffered between the forwarding task and the connection.
+/// Lines buffered between the forwarding task and the connection, at most.
 const LINE_QUEUE: usize = 64;
+/// Bytes of lines buffered between the forwarding task and the connection, at most (one line
+/// larger than this still goes, alone): a reader that stops reading holds this much here, the
+/// rest waits in the node's bounded watcher queue.
+const LINE_BYTES: usize = 256 * 1024;
 
 /// What the node's watch had ready the moment it was opened.
 type Ready = Option<Option<Result<Event, WatchError>>>;
@@ -69,13 +73,19 @@ pub(super) async fn watch(
     };
     shared.metrics.read(ReadKind::Watch);
     let (lines, receiver) = mpsc::channel(LINE_QUEUE);
+    let room = Arc::new(Semaphore::new(LINE_BYTES));
     let pump = Pump {
         shared: shared.clone(),
         lines,
+        room: room.clone(),
         last: start,
     };
     tokio::spawn(pump.run(watch, first));
-    let mut response = (StatusCode::OK, Body::from_stream(Lines(receiver))).into_response();
+    let body = Lines {
+        lines: receiver,
+        room,
+    };
+    let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         CONTENT_TYPE,
@@ -98,6 +108,9 @@ async fn ready(watch: &mut Watch) -> Ready {
 struct Pump {
     shared: Arc<Shared>,
     lines: mpsc::Sender<Bytes>,
+    /// Bytes of lines the connection has not taken yet may add up to [`LINE_BYTES`]: a permit
+    /// per byte, given back as the body takes each line.
+    room: Arc<Semaphore>,
     /// The cursor a client may resume from after the lines sent so far.
     last: u64,
 }
@@ -203,6 +216,11 @@ impl Pump {
     async fn send(&self, line: &Json) -> Flow {
         let mut text = line.to_string();
         text.push('\n');
+        let Ok(permits) = self.room.acquire_many(line_permits(text.len())).await else {
+            return Flow::End;
+        };
+        // Given back by the body once the connection takes the line.
+        permits.forget();
         match self.lines.send(Bytes::from(text)).await {
             Ok(()) => Flow::Continue,
             // The client went away.
@@ -211,14 +229,34 @@ impl Pump {
     }
 }
 
+impl Drop for Lines {
+    fn drop(&mut self) {
+        // The client went away: a pump waiting for room ends instead of waiting forever.
+        self.room.close();
+    }
+}
+
+/// The permits a line of `len` bytes takes: its length, or all of them for a line longer than
+/// the whole buffer, which then goes alone.
+fn line_permits(len: usize) -> u32 {
+    u32::try_from(len.clamp(1, LINE_BYTES)).unwrap_or(u32::MAX)
+}
+
 /// The response body: the lines the pump sends, each its own chunk, so each reaches the client
 /// as soon as it is written.
-struct Lines(mpsc::Receiver<Bytes>);
+struct Lines {
+    lines: mpsc::Receiver<Bytes>,
+    room: Arc<Semaphore>,
+}
 
 impl futures_core::Stream for Lines {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx).map(|line| line.map(Ok))
+        let line = std::task::ready!(self.lines.poll_recv(cx));
+        if let Some(line) = &line {
+            self.room.add_permits(line_permits(line.len()) as usize);
+        }
+        Poll::Ready(line.map(Ok))
     }
 }

@@ -439,6 +439,11 @@ impl Cluster {
             let Some(host) = self.hosts[i].host.as_mut() else {
                 continue;
             };
+            let room = Room {
+                events: room,
+                bytes: usize::MAX,
+                empty: watcher.queued == 0,
+            };
             if host.resume_watch(watch, room) {
                 self.all_watchers[index].paused = false;
             }
